@@ -5,6 +5,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 UV_VERSION := 0.13.9
 BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
 STAMP := $(VENV)/.installed
 
 # Offline and telemetry switches shared by every target.
@@ -27,12 +28,12 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/socialmae demo
+	dvc repro
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest
 
-test-all: $(STAMP)
+test-all: lint
 	$(BIN)/python -m pytest -m ''
 
 lint: $(STAMP)

@@ -226,9 +226,7 @@ def native_to_official(model: SocialMAEEncoder) -> StateDict:
     return sd
 
 
-def _check_and_load(
-    model: torch.nn.Module, sd: StateDict, path: str | os.PathLike[str]
-) -> None:
+def _check_and_load(model: torch.nn.Module, sd: StateDict, path: str | os.PathLike[str]) -> None:
     expected = model.state_dict()
     problems = []
     if missing := sorted(set(expected) - set(sd)):

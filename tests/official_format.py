@@ -52,7 +52,9 @@ def official_shapes(
         "pos_embed_v": (1, video_tokens, d),
         "patch_embed_a.proj.weight": (d, 1, 16, 16),
         "patch_embed_a.proj.bias": (d,),
-        "patch_embed_v.proj.weight": (d, 3, 16, 16, 2) if family == "social-mae" else (d, 3, 16, 16),
+        "patch_embed_v.proj.weight": (d, 3, 16, 16, 2)
+        if family == "social-mae"
+        else (d, 3, 16, 16),
         "patch_embed_v.proj.bias": (d,),
     }
     for i in range(depth):

@@ -3,7 +3,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from official_format import official_shapes, synthetic_state_dict
 from reference_oracle import reference_features
 from tests_helpers import tiny_inputs
 

@@ -96,3 +96,27 @@ def test_sdpa_equals_manual_attention():
     attn.use_sdpa = False
     slow = attn(x)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lean_mlp_backward_equals_autograd(dtype):
+    from socialmae.model.layers import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(16, 48).to(dtype)
+    x = torch.randn(2, 7, 16, dtype=dtype, requires_grad=True)
+    lean = mlp(x)
+    lean.pow(2).sum().backward()
+    lean_grads = [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
+    x.grad = None
+    mlp.zero_grad()
+    plain = mlp.fc2(F.gelu(mlp.fc1(x)))
+    plain.pow(2).sum().backward()
+    plain_grads = [x.grad] + [p.grad for p in mlp.parameters()]
+    torch.testing.assert_close(lean, plain)
+    for a, b in zip(lean_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(
+            lambda h: mlp(h), (torch.randn(3, 16, dtype=dtype, requires_grad=True),)
+        )

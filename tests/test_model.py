@@ -1,10 +1,10 @@
 import pytest
 import torch
+from tests_helpers import tiny_inputs
 
 from socialmae import LossWeights, SocialMAE, SocialMAEClassifier
 from socialmae.losses import masked_reconstruction_loss
 from socialmae.model.layers import patchify_audio, patchify_video, reference_video_token_index
-from tests_helpers import tiny_inputs
 
 UNUSED_NORMS = ("norm1_a", "norm1_v", "norm2_a", "norm2_v")
 
@@ -45,7 +45,9 @@ def test_forward_outputs_and_losses_agree_with_the_pure_functions():
     assert out.pred_audio.shape == (2, 512, 256) and out.pred_video.shape == (2, 784, 1536)
     assert out.mask_audio.sum(1).tolist() == [384, 384]
     assert out.mask_video.sum(1).tolist() == [392, 392]
-    loss_v = masked_reconstruction_loss(out.pred_video, patchify_video(video, 2, 16), out.mask_video)
+    loss_v = masked_reconstruction_loss(
+        out.pred_video, patchify_video(video, 2, 16), out.mask_video
+    )
     loss_a = masked_reconstruction_loss(out.pred_audio, patchify_audio(audio, 16), out.mask_audio)
     torch.testing.assert_close(out.loss_mae_video, loss_v)
     torch.testing.assert_close(out.loss_mae_audio, loss_a)

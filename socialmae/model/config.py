@@ -67,7 +67,8 @@ class SocialMAEConfig:
         need(self.channel_order in ("RGB", "BGR"), f"channel_order is {self.channel_order!r}")
         need(
             self.audio_length % self.patch_size == 0 and self.num_mel_bins % self.patch_size == 0,
-            f"audio {self.audio_length}x{self.num_mel_bins} not divisible by patch {self.patch_size}",
+            f"audio {self.audio_length}x{self.num_mel_bins} not divisible by "
+            f"patch_size {self.patch_size}",
         )
         need(
             self.image_size % self.patch_size == 0,

@@ -17,7 +17,6 @@ from socialmae.losses import (
     LossWeights,
     contrastive_loss,
     masked_reconstruction_loss,
-    normalize_patches,
     total_loss,
 )
 from socialmae.model.config import SocialMAEConfig, get_preset

@@ -1,0 +1,96 @@
+"""The ``socialmae`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from socialmae.checkpoints import CheckpointError, load_checkpoint
+from socialmae.model import PRESETS, SocialMAEClassifier
+
+app = typer.Typer(
+    help="Social-MAE: audiovisual masked autoencoder for face and voice.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("outputs/smoke"),
+    preset: Annotated[str, typer.Option(help=f"one of {sorted(PRESETS)}")] = "tiny",
+    steps: Annotated[int, typer.Option(min=1)] = 60,
+    batch: Annotated[int, typer.Option(min=2)] = 8,
+    seed: int = 0,
+) -> None:
+    """Pretrain a small Social-MAE on generated clips on the CPU; write model, metrics, figure."""
+    from socialmae.smoke import pretrain_smoke
+
+    if preset not in PRESETS:
+        _fail(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    result = pretrain_smoke(out, preset=preset, steps=steps, batch=batch, seed=seed)
+    typer.echo(json.dumps(vars(result), indent=2))
+    typer.echo(f"model, metrics.json and reconstruction.png written to {out}")
+
+
+@app.command()
+def info(path: Path) -> None:
+    """Describe a checkpoint (official .pth or saved directory) as JSON."""
+    try:
+        model = load_checkpoint(path)
+    except CheckpointError as exc:
+        _fail(str(exc))
+        return
+    description = {
+        "path": str(path),
+        **model.architecture(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": model.config.to_dict(),
+    }
+    typer.echo(json.dumps(description, indent=2))
+
+
+@app.command()
+def convert(
+    source: Path,
+    out: Path,
+    task: Annotated[str, typer.Option(help="classification or regression (fine-tuned)")] = (
+        "classification"
+    ),
+    labels: Annotated[str | None, typer.Option(help="comma-separated class names")] = None,
+) -> None:
+    """Convert an official Social-MAE / CAV-MAE .pth into a safetensors directory."""
+    if task not in ("classification", "regression"):
+        _fail(f"--task must be classification or regression, got {task!r}")
+    names = tuple(labels.split(",")) if labels else None
+    try:
+        model = load_checkpoint(source, task=task, labels=names)  # type: ignore[arg-type]
+    except (CheckpointError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    if names is not None and not isinstance(model, SocialMAEClassifier):
+        _fail("--labels only applies to fine-tuned checkpoints")
+    model.save_pretrained(out)
+    typer.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app()
