@@ -19,6 +19,8 @@ SMALL = dict(d=64, depth=2, dd=32, decoder_depth=1)  # official layout, small wi
         ("social-mae", "pretrain", 647, 192_772_608),
         ("social-mae", "finetune", 478, 165_543_168 + 769 * 6),
         ("cav-mae", "pretrain", 647, 191_036_160),
+        # 588 fewer positions x 768 and a one-frame kernel (589,824 fewer weights)
+        ("cav-mae", "finetune", 478, 165_543_168 - 588 * 768 - 589_824 + 769 * 6),
     ],
 )
 @pytest.mark.parametrize("prefix", ["module.", ""])

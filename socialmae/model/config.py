@@ -65,28 +65,13 @@ class SocialMAEConfig:
         need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}")
         need(self.fbank_std > 0, f"fbank_std must be positive, got {self.fbank_std}")
         need(self.channel_order in ("RGB", "BGR"), f"channel_order is {self.channel_order!r}")
-        need(
-            self.audio_length % self.patch_size == 0 and self.num_mel_bins % self.patch_size == 0,
-            f"audio {self.audio_length}x{self.num_mel_bins} not divisible by "
-            f"patch_size {self.patch_size}",
-        )
-        need(
-            self.image_size % self.patch_size == 0,
-            f"image_size {self.image_size} not divisible by patch_size {self.patch_size}",
-        )
-        need(
-            self.num_frames % self.tubelet_size == 0,
-            f"num_frames {self.num_frames} not divisible by tubelet_size {self.tubelet_size}",
-        )
-        need(
-            self.embed_dim % self.num_heads == 0,
-            f"embed_dim {self.embed_dim} not divisible by num_heads {self.num_heads}",
-        )
-        need(
-            self.decoder_embed_dim % self.decoder_num_heads == 0,
-            f"decoder_embed_dim {self.decoder_embed_dim} not divisible by "
-            f"decoder_num_heads {self.decoder_num_heads}",
-        )
+        for num, den in (
+            ("audio_length", "patch_size"), ("num_mel_bins", "patch_size"),
+            ("image_size", "patch_size"), ("num_frames", "tubelet_size"),
+            ("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"),
+        ):  # fmt: skip
+            a, b = getattr(self, num), getattr(self, den)
+            need(a % b == 0, f"{num} {a} not divisible by {den} {b}")
         for dim in (self.embed_dim, self.decoder_embed_dim):
             need(dim % 16 == 0, f"widths must be multiples of 16 for sin-cos tables, got {dim}")
 
