@@ -46,7 +46,8 @@ bench: $(STAMP)
 # Re-resolve the lock file after editing pyproject.toml (needs the package registry).
 lock: $(STAMP)
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
-		--python-platform x86_64-manylinux_2_28 --generate-hashes -o requirements.lock
+		--python-platform x86_64-manylinux_2_28 --generate-hashes --no-emit-package opencv-python \
+		-o requirements.lock
 
 clean:
 	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Data: dataset sources, decoding, face cropping, shards, validation and the loader."""
