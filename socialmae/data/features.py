@@ -1,0 +1,83 @@
+"""Model inputs from decoded media: the Kaldi fbank and normalised face frames.
+
+The constants are the ones the released weights were trained with (see
+``SocialMAEConfig.fbank_mean/fbank_std/channel_order``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchaudio
+
+from socialmae.data.decode import SAMPLE_RATE
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def fbank(
+    waveform: np.ndarray | torch.Tensor,
+    num_mel_bins: int = 128,
+    target_length: int = 1024,
+    sample_rate: int = SAMPLE_RATE,
+) -> torch.Tensor:
+    """Log-mel filterbank as in CAV-MAE / Social-MAE, padded or cut to ``target_length``.
+
+    Args:
+        waveform: ``[N]`` mono samples at ``sample_rate``.
+    Returns:
+        ``[target_length, num_mel_bins]`` (10 ms frames, 25 ms Hanning windows), unnormalised.
+    """
+    wav = torch.as_tensor(waveform, dtype=torch.float32).reshape(1, -1)
+    wav = wav - wav.mean()
+    min_samples = int(0.025 * sample_rate)
+    if wav.shape[1] < min_samples:  # kaldi needs one full window
+        wav = torch.nn.functional.pad(wav, (0, min_samples - wav.shape[1]))
+    feats = torchaudio.compliance.kaldi.fbank(
+        wav,
+        htk_compat=True,
+        sample_frequency=sample_rate,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=num_mel_bins,
+        dither=0.0,
+        frame_shift=10,
+    )  # [frames, mel]
+    frames = feats.shape[0]
+    if frames < target_length:
+        feats = torch.nn.functional.pad(feats, (0, 0, 0, target_length - frames))
+    return feats[:target_length]
+
+
+def normalize_fbank(feats: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """``(x - mean) / std`` with the dataset statistics of the weights."""
+    return (feats - mean) / std
+
+
+def frames_to_video(frames: np.ndarray, channel_order: str = "RGB") -> torch.Tensor:
+    """Face crops to the model's video layout.
+
+    Args:
+        frames: ``[T, H, W, 3]`` RGB uint8.
+        channel_order: ``RGB`` or ``BGR`` (the released Social-MAE weights saw BGR frames
+            normalised with the RGB ImageNet statistics, as the reference did).
+    Returns:
+        ``[3, T, H, W]`` float32, ImageNet-normalised.
+    """
+    video = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0)  # [T, H, W, 3]
+    if channel_order == "BGR":
+        video = video.flip(-1)
+    elif channel_order != "RGB":
+        raise ValueError(f"channel_order must be RGB or BGR, got {channel_order!r}")
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 1, 1, 3)
+    std = torch.tensor(IMAGENET_STD).view(1, 1, 1, 3)
+    return ((video - mean) / std).permute(3, 0, 1, 2).contiguous()
+
+
+def rms_db(waveform: np.ndarray) -> float:
+    """RMS level in dBFS (``-inf`` for digital silence)."""
+    if waveform.size == 0:
+        return float("-inf")
+    rms = float(np.sqrt(np.mean(np.square(waveform, dtype=np.float64))))
+    return 20.0 * np.log10(rms) if rms > 0 else float("-inf")

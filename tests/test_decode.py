@@ -1,0 +1,167 @@
+"""Decoding, fbank, tracking and shards on real media files (no face detector needed)."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from media import CODECS, write_clip
+
+from socialmae.data.decode import decode_audio, iter_frames, probe
+from socialmae.data.errors import MediaError
+from socialmae.data.features import fbank, frames_to_video, rms_db
+from socialmae.data.shards import ShardReader, ShardSample, encode_jpeg, write_shard
+from socialmae.data.tracking import smooth_square_boxes, square_crop, track_main_face
+
+
+@pytest.mark.parametrize("suffix", sorted(CODECS))
+def test_every_container_decodes_to_16k_mono_and_sampled_frames(tmp_path, suffix):
+    path = write_clip(tmp_path / f"clip{suffix}", seconds=2.0)
+    info = probe(path)
+    assert info.has_audio and info.has_video and info.width == 224
+    audio = decode_audio(path)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert abs(audio.size / 16_000 - 2.0) < 0.12
+    assert rms_db(audio) > -30
+    frames = list(iter_frames(path, rate=4.0))
+    assert [round(t, 2) for t, _ in frames][:8] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    assert frames[0][1].shape == (224, 224, 3) and frames[0][1].dtype == np.uint8
+
+
+def test_resampling_and_downmix(tmp_path):
+    path = write_clip(tmp_path / "stereo48k.mp4", audio_rate=48_000, channels=2)
+    assert probe(path).sample_rate == 48_000 and probe(path).channels == 2
+    audio = decode_audio(path)
+    assert abs(audio.size - 32_000) < 800  # 2 s at 16 kHz
+    spectrum = np.abs(np.fft.rfft(audio))
+    assert abs(np.argmax(spectrum) * 16_000 / audio.size - 220) < 5  # the tone survived
+    low = write_clip(tmp_path / "8k.mkv", audio_rate=8_000)
+    assert abs(decode_audio(low).size - 32_000) < 800
+
+
+def test_variable_frame_rate_uses_timestamps(tmp_path):
+    path = write_clip(tmp_path / "vfr.mkv", seconds=2.0, vfr=True, fps=25)
+    times = [t for t, _ in iter_frames(path, rate=4.0)]
+    assert times == pytest.approx([k * 0.25 for k in range(len(times))])
+    assert 1.9 <= len(times) * 0.25 <= 4.1  # covers the clip's span, not its frame count
+
+
+def test_huge_frames_are_scaled_down_and_long_clips_capped(tmp_path):
+    path = write_clip(tmp_path / "big.mp4", size=(1920, 1080), seconds=1.0, fps=5)
+    _, frame = next(iter_frames(path, rate=2.0, max_side=640))
+    assert frame.shape == (360, 640, 3)
+    long = write_clip(tmp_path / "long.mkv", seconds=6.0, fps=5, size=(64, 64))
+    assert len(list(iter_frames(long, rate=2.0, max_seconds=2.0))) == 4  # 0, .5, 1, 1.5
+    assert decode_audio(long, max_seconds=2.0).size == 32_000
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.write_bytes(b""), "file is empty"),
+        (lambda p: p.write_bytes(np.random.default_rng(0).bytes(5000)), "not a readable media"),
+        (lambda p: None, "no such file"),
+    ],
+)
+def test_unreadable_files(tmp_path, make, reason):
+    path = tmp_path / "bad.mp4"
+    make(path)
+    with pytest.raises(MediaError, match=reason) as info:
+        probe(path)
+    assert info.value.path == str(path)
+
+
+def test_truncated_and_streamless_files(tmp_path):
+    good = write_clip(tmp_path / "good.mp4", seconds=2.0)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(MediaError):
+        probe(cut)  # mp4 keeps its index at the end: half a file has none
+    cut_mkv = tmp_path / "cut.mkv"
+    full = write_clip(tmp_path / "full.mkv", seconds=2.0)
+    cut_mkv.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    frames = list(iter_frames(cut_mkv, rate=4.0))  # streamable: the first half decodes
+    assert 1 <= len(frames) < 8
+    silent_video = write_clip(tmp_path / "video-only.mp4", audio_rate=None)
+    with pytest.raises(MediaError, match="no audio stream"):
+        decode_audio(silent_video)
+    audio_only = write_clip(tmp_path / "audio-only.mkv", video=False)
+    with pytest.raises(MediaError, match="no video stream"):
+        next(iter_frames(audio_only, rate=4.0))
+
+
+def test_fbank_matches_the_reference_recipe():
+    t = np.arange(16_000 * 3) / 16_000
+    wave = (0.1 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    feats = fbank(wave)
+    assert feats.shape == (1024, 128)
+    assert torch.all(feats[300:] == 0)  # 3 s = 298 frames, then zero padding
+    peak_bin = feats[:290].mean(0).argmax().item()
+    # Kaldi mel: 1127 ln(1 + f/700); 128 bins between 20 Hz and 8 kHz are 21.77 mel apart,
+    # bin i centred at mel(20) + (i + 1) * 21.77; 440 Hz = 549.7 mel -> bin 22.8
+    assert peak_bin in (22, 23)
+    assert fbank(wave[:100]).shape == (1024, 128)  # shorter than one window still works
+
+
+def test_video_normalisation_and_channel_order():
+    frames = np.zeros((8, 4, 4, 3), dtype=np.uint8)
+    frames[..., 0] = 255  # pure red
+    rgb = frames_to_video(frames, "RGB")
+    bgr = frames_to_video(frames, "BGR")
+    assert rgb.shape == (3, 8, 4, 4)
+    assert rgb[0].mean().item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
+    assert bgr[2].mean().item() == pytest.approx((1 - 0.406) / 0.225, rel=1e-5)
+    with pytest.raises(ValueError):
+        frames_to_video(frames, "RBG")
+
+
+@dataclass
+class Box:
+    bbox: tuple[float, float, float, float]
+    score: float = 0.99
+
+
+def test_tracking_prefers_the_persistent_central_face_and_fills_gaps():
+    main = Box((80, 60, 160, 140))
+    passer = Box((0, 0, 30, 30))
+    detections = [[main, passer], [passer], [Box((82, 62, 162, 142)), passer], [main]]
+    boxes, detected = track_main_face(detections, (224, 224))
+    assert detected.tolist() == [True, False, True, True]
+    assert boxes[0].tolist() == [80, 60, 160, 140]
+    squares = smooth_square_boxes(boxes, detected, window=1)
+    assert squares[1].tolist() == pytest.approx([121, 101, 80])  # interpolated
+    smooth = smooth_square_boxes(boxes, detected, window=3)
+    assert smooth.shape == (4, 3) and np.all(np.abs(smooth[:, 2] - 80) < 1e-9)
+    none, found = track_main_face([[], []], (10, 10))
+    assert not found.any() and np.isnan(none).all()
+
+
+def test_square_crop_pads_outside_the_frame():
+    frame = np.full((100, 100, 3), 200, dtype=np.uint8)
+    crop = square_crop(frame, np.array([10.0, 50.0, 40.0]), margin=0.0, size=32)
+    assert crop.shape == (32, 32, 3)
+    assert crop[:, :4].mean() < 20 and crop[:, -8:].mean() > 180  # black where outside
+
+
+def test_shards_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [
+        ShardSample(
+            meta={"clip_id": f"clip.{k}", "times": [0.0, 0.25], "label": "anger"},
+            audio=rng.uniform(-0.5, 0.5, 16_000).astype(np.float32),
+            frames=[
+                encode_jpeg(np.full((224, 224, 3), 40 * k + i, dtype=np.uint8)) for i in (0, 9)
+            ],
+        )
+        for k in range(3)
+    ]
+    assert write_shard(tmp_path / "shard-00000.tar", samples) == 3
+    reader = ShardReader(tmp_path / "shard-00000.tar")
+    assert len(reader) == 3 and set(reader.index) == {"clip.0", "clip.1", "clip.2"}
+    assert reader.meta("clip.2")["frames"] == 2 and reader.meta("clip.2")["label"] == "anger"
+    np.testing.assert_allclose(reader.audio("clip.1"), samples[1].audio, atol=1 / 32767)
+    assert abs(int(reader.frame("clip.2", 1).mean()) - 89) <= 2
+    assert not list(tmp_path.glob(".*"))  # no temporary left behind
+    (tmp_path / "broken.tar").write_bytes(b"x" * 700)
+    with pytest.raises(MediaError, match=r"broken\.tar"):
+        ShardReader(tmp_path / "broken.tar")
