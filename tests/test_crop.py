@@ -1,0 +1,182 @@
+"""crop_faces and the loader on a corpus of real and broken media files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from media import write_clip
+
+from socialmae.data.clips import CLIPS_TABLE
+from socialmae.data.crop import CropParams, crop_faces
+from socialmae.data.dataset import Augment, ClipSampling, ShardDataset, load_clip
+from socialmae.data.errors import MediaError
+from socialmae.data.manifest import ManifestRow, read_manifest, write_manifest
+from socialmae.model import get_preset
+from socialmae.tasks import get_task
+
+PARAMS = CropParams(workers=1, clips_per_shard=4, frame_rate=4.0)
+
+
+def _corpus(root: Path) -> dict[str, str]:
+    """Write the corpus; returns clip id -> expected outcome ("ok" or a reason fragment)."""
+    clips = root / "clips"
+    clips.mkdir(parents=True)
+    expected: dict[str, str] = {}
+
+    def add(name: str, outcome: str, **kwargs) -> None:
+        write_clip(clips / name, **kwargs)
+        expected[name] = outcome
+
+    add("good.mp4", "ok", seconds=2.0)
+    add("good.webm", "ok", seconds=1.5)
+    add("stereo48k.mp4", "ok", audio_rate=48_000, channels=2)
+    add("8k.mkv", "ok", audio_rate=8_000)
+    add("silence.mp4", "ok", silent=True)  # kept here, quarantined by validation
+    add("two-faces.mp4", "ok", size=(448, 224), faces=2)
+    add("4k.mp4", "ok", size=(3840, 2160), seconds=1.0, fps=5)
+    add("émotion-日本.mp4", "ok")
+    add("no-audio.mp4", "no audio stream", audio_rate=None)
+    add("audio-only.mkv", "no video stream", video=False)
+    add("no-face.mp4", "no face detected", faces=0)
+    add("tiny-frames.mp4", "no face detected", size=(16, 16))
+    add("single-frame.mp4", "too short", frames=1, seconds=1.0)
+    (clips / "zero.mp4").write_bytes(b"")
+    expected["zero.mp4"] = "file is empty"
+    (clips / "random.mp4").write_bytes(np.random.default_rng(0).bytes(20_000))
+    expected["random.mp4"] = "not a readable media file"
+    whole = (clips / "good.mp4").read_bytes()
+    (clips / "truncated.mp4").write_bytes(whole[: len(whole) // 2])
+    expected["truncated.mp4"] = "not a readable media file"
+    labels = get_task("demo").labels
+    rows = [
+        ManifestRow(
+            clip_id=name,
+            path=f"clips/{name}",
+            dataset="demo",
+            speaker=f"s{i % 3}",
+            split=("train", "val", "test")[i % 3],
+            label=labels[i % len(labels)],
+        )
+        for i, name in enumerate(sorted(expected))
+    ]
+    write_manifest(rows, root)
+    return expected
+
+
+@pytest.fixture(scope="module")
+def cropped(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    expected = _corpus(root / "raw")
+    out = root / "shards"
+    metrics = crop_faces(read_manifest(root / "raw"), out, PARAMS)
+    return root, out, expected, metrics
+
+
+def test_every_clip_gets_the_right_outcome(cropped):
+    _, out, expected, metrics = cropped
+    table = pd.read_parquet(out / CLIPS_TABLE).set_index("clip_id")
+    assert sorted(table.index) == sorted(expected)  # nothing lost
+    for clip_id, outcome in expected.items():
+        row = table.loc[clip_id]
+        if outcome == "ok":
+            assert row["status"] == "ok", (clip_id, row["reason"])
+            assert row["frames"] >= 4 and row["detection_rate"] > 0.5
+            assert row["shard"].startswith("shard-")
+        else:
+            assert row["status"] == "quarantined", clip_id
+            assert outcome in row["reason"], (clip_id, row["reason"])
+    assert table.loc["two-faces.mp4", "faces_max"] == 2
+    assert table.loc["stereo48k.mp4", "sample_rate"] == 48_000
+    assert table.loc["4k.mp4", "width"] == 3840 and table.loc["4k.mp4", "box_size"] > 1000
+    assert table.loc["silence.mp4", "audio_rms_db"] < -60 < table.loc["good.mp4", "audio_rms_db"]
+    assert metrics["ok"] == sum(v == "ok" for v in expected.values())
+    assert metrics["quarantined"] == len(expected) - metrics["ok"]
+
+
+def test_rerun_skips_finished_shards_and_redoes_changed_ones(cropped):
+    root, out, expected, _ = cropped
+    manifest = read_manifest(root / "raw")
+    again = crop_faces(manifest, out, PARAMS)
+    assert again["processed"] == 0 and again["skipped_unchanged"] == len(expected)
+    write_clip(root / "raw" / "clips" / "good.webm", seconds=2.5)  # one clip changed
+    third = crop_faces(manifest, out, PARAMS)
+    assert third["processed"] == PARAMS.clips_per_shard
+    table = pd.read_parquet(out / CLIPS_TABLE).set_index("clip_id")
+    assert table.loc["good.webm", "duration"] == pytest.approx(2.5, abs=0.3)
+
+
+def test_shard_dataset_items(cropped):
+    _, out, _, _ = cropped
+    config = get_preset("tiny")
+    task = get_task("demo")
+    data = ShardDataset(out, config, task=task, train=False)
+    assert len(data) == 8
+    item = data[0]
+    assert item["audio"].shape == (1024, 128) and item["video"].shape == (3, 8, 224, 224)
+    assert item["target"].shape == (6,) and item["target"].sum() == 1
+    assert item["label"] == int(item["target"].argmax())
+    again = data[0]
+    assert torch.equal(item["video"], again["video"])  # evaluation is deterministic
+    train = ShardDataset(out, config, task=task, train=True, sampling=ClipSampling(1.0))
+    good = int(train.table.index[train.table["clip_id"] == "good.mp4"][0])  # 2 s > 1 s window
+    train.set_epoch(0)
+    first = train[good]["audio"]
+    train.set_epoch(1)
+    assert not torch.equal(first, train[good]["audio"])  # training windows move
+    train.set_epoch(0)
+    assert torch.equal(first, train[good]["audio"])  # reproducible
+
+
+def test_aligned_and_reference_audio_windows(cropped):
+    _, out, _, _ = cropped
+    config = get_preset("tiny")
+    aligned = ShardDataset(out, config, train=False)[0]["audio"]
+    whole = ShardDataset(out, config, train=False, sampling=ClipSampling(audio_window="clip"))
+    reference = whole[0]["audio"]
+    pad = (0 - config.fbank_mean) / config.fbank_std  # normalised zero padding
+    assert torch.allclose(aligned[400:], torch.full_like(aligned[400:], pad))  # 4 s window
+    assert not torch.allclose(reference[150:200], aligned[150:200])
+
+
+def test_augmentation_and_mixup(cropped):
+    _, out, _, _ = cropped
+    config = get_preset("tiny")
+    task = get_task("demo")
+    plain = ShardDataset(out, config, task=task, train=True)
+    augmented = ShardDataset(
+        out, config, task=task, train=True, augment=Augment(freqm=48, timem=192, mixup=1.0)
+    )
+    item = augmented[1]
+    assert not torch.equal(item["audio"], plain[1]["audio"])
+    assert item["target"].sum().item() == pytest.approx(1.0)
+    assert (item["target"] > 0).sum() in (1, 2)  # mixed with another clip (maybe same label)
+
+
+def test_load_clip_matches_the_shards(cropped):
+    root, out, _, _ = cropped
+    config = get_preset("tiny")
+    path = root / "raw" / "clips" / "good.mp4"
+    inputs = load_clip(path, config, PARAMS)
+    assert inputs.audio.shape == (1024, 128) and inputs.video.shape == (3, 8, 224, 224)
+    assert inputs.boxes.shape == (8, 3) and inputs.times.shape == (8,)
+    # a 2 s clip in a 4 s window is tiled: times wrap around but stay inside the clip
+    assert np.all((inputs.times >= 0) & (inputs.times < 2.1))
+    item = ShardDataset(out, config, train=False)
+    index = item.table.index[item.table["clip_id"] == "good.mp4"][0]
+    torch.testing.assert_close(inputs.video, item[index]["video"])
+    with pytest.raises(MediaError, match="no face detected") as info:
+        load_clip(root / "raw" / "clips" / "no-face.mp4", config, PARAMS)
+    assert "no-face.mp4" in str(info.value)
+
+
+def test_metadata_records_times_and_boxes(cropped):
+    _, out, _, _ = cropped
+    data = ShardDataset(out, get_preset("tiny"))
+    meta = data.clip(0).meta
+    assert len(meta["times"]) == meta["frames"] == len(meta["boxes"])
+    assert json.dumps(meta)  # plain JSON
