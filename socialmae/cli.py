@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from socialmae.checkpoints import CheckpointError, load_checkpoint
+from socialmae.data.errors import MediaError
 from socialmae.model import PRESETS, SocialMAEClassifier
 
 app = typer.Typer(
@@ -49,6 +50,45 @@ def demo(
     result = pretrain_smoke(out, preset=preset, steps=steps, batch=batch, seed=seed)
     typer.echo(json.dumps(vars(result), indent=2))
     typer.echo(f"model, metrics.json and reconstruction.png written to {out}")
+
+
+def _stage(run, *args) -> None:
+    from socialmae.params import ParamsError
+
+    try:
+        metrics = run(*args)
+    except (ParamsError, MediaError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+
+
+@app.command()
+def download(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
+    """Stage ``download``: raw clips + manifest per dataset under data/raw/."""
+    from socialmae.pipeline import stage_download
+
+    _stage(stage_download, params)
+
+
+@app.command("crop-faces")
+def crop_faces_command(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
+    """Stage ``crop_faces``: face crops and audio into shards under data/interim/faces/."""
+    from socialmae.pipeline import stage_crop_faces
+
+    _stage(stage_crop_faces, params)
+
+
+@app.command()
+def validate(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
+    """Stage ``validate``: Great Expectations checks, quarantine list, Data Docs."""
+    from socialmae.data.validate import ValidationFailed
+    from socialmae.pipeline import stage_validate
+
+    try:
+        _stage(stage_validate, params)
+    except ValidationFailed as exc:
+        _fail(str(exc))
 
 
 @app.command()

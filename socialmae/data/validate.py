@@ -470,7 +470,7 @@ def validate(
     Never raises for data problems: the returned report says whether the stage passed
     (see :func:`run_validate` for the raising variant).
     """
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # GE site stores need absolute paths
     out.mkdir(parents=True, exist_ok=True)
     frame = _prepare(clips)
     checks = _clip_checks(thresholds)
