@@ -226,7 +226,10 @@ def native_to_official(model: SocialMAEEncoder) -> StateDict:
     return sd
 
 
-def _check_and_load(model: torch.nn.Module, sd: StateDict, path: str | os.PathLike[str]) -> None:
+def state_dict_mismatches(
+    model: torch.nn.Module, sd: StateDict, source: str = "checkpoint"
+) -> list[str]:
+    """Missing, unexpected and wrongly shaped tensors of ``sd`` against ``model``."""
     expected = model.state_dict()
     problems = []
     if missing := sorted(set(expected) - set(sd)):
@@ -236,8 +239,13 @@ def _check_and_load(model: torch.nn.Module, sd: StateDict, path: str | os.PathLi
     for key in sorted(set(sd) & set(expected)):
         if sd[key].shape != expected[key].shape:
             problems.append(
-                f"{key}: checkpoint {list(sd[key].shape)} vs model {list(expected[key].shape)}"
+                f"{key}: {source} {list(sd[key].shape)} vs model {list(expected[key].shape)}"
             )
+    return problems
+
+
+def _check_and_load(model: torch.nn.Module, sd: StateDict, path: str | os.PathLike[str]) -> None:
+    problems = state_dict_mismatches(model, sd)
     if problems:
         raise CheckpointError(path, "does not match the model: " + "; ".join(problems))
     model.load_state_dict(sd, strict=True)

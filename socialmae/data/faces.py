@@ -615,18 +615,9 @@ def read_weights(path: str | os.PathLike[str]) -> StateDict:
 
 
 def _mismatch(model: nn.Module, sd: StateDict) -> list[str]:
-    expected = model.state_dict()
-    problems = []
-    if missing := sorted(set(expected) - set(sd)):
-        problems.append(f"missing {len(missing)} tensor(s): {missing[:6]}")
-    if unexpected := sorted(set(sd) - set(expected)):
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {unexpected[:6]}")
-    for key in sorted(set(sd) & set(expected)):
-        if sd[key].shape != expected[key].shape:
-            problems.append(
-                f"{key}: file {list(sd[key].shape)} vs model {list(expected[key].shape)}"
-            )
-    return problems
+    from socialmae.checkpoints import state_dict_mismatches
+
+    return state_dict_mismatches(model, sd, source="file")
 
 
 def load_retinaface(
