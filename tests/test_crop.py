@@ -180,3 +180,14 @@ def test_metadata_records_times_and_boxes(cropped):
     meta = data.clip(0).meta
     assert len(meta["times"]) == meta["frames"] == len(meta["boxes"])
     assert json.dumps(meta)  # plain JSON
+
+
+def test_loader_feeds_a_multiprocess_dataloader(cropped):
+    _, out, _, _ = cropped
+    data = ShardDataset(out, get_preset("tiny"), task=get_task("demo"), train=False)
+    data[0]  # opens a reader in the parent: its file handle must not cross into workers
+    loader = torch.utils.data.DataLoader(data, batch_size=4, num_workers=2)
+    batches = list(loader)
+    assert sum(b["video"].shape[0] for b in batches) == len(data)
+    assert batches[0]["audio"].shape == (4, 1024, 128)
+    assert sorted(c for b in batches for c in b["clip_id"]) == sorted(data.table["clip_id"])
