@@ -36,13 +36,11 @@ import itertools
 import logging
 import math
 import os
-import pickle
 import re
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -581,37 +579,21 @@ def fetch(url: str, timeout: float = 60.0) -> Path:
 def read_weights(path: str | os.PathLike[str]) -> StateDict:
     """Tensors of a ``.pth`` (``torch.load(weights_only=True)``) or ``.safetensors`` file;
     ``state_dict`` / ``model`` wrappers and ``module.`` prefixes removed."""
+    from socialmae.checkpoints import CheckpointError, read_state_dict
+
     path = Path(path)
+    if path.suffix != ".safetensors":
+        try:
+            return read_state_dict(path)  # the project's one reader of foreign .pth files
+        except CheckpointError as exc:
+            raise MediaError(path, exc.reason) from exc
     if not path.is_file():
         raise MediaError(path, "no such weights file")
-    if path.stat().st_size == 0:
-        raise MediaError(path, "weights file is empty")
-    obj: Any
-    if path.suffix == ".safetensors":
-        try:
-            obj = load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise MediaError(path, f"unreadable safetensors file ({exc})") from exc
-    else:
-        try:
-            obj = torch.load(
-                path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-            )
-        except pickle.UnpicklingError as exc:
-            raise MediaError(
-                path, f"not a torch file of plain tensors, or truncated ({exc})"
-            ) from exc
-        except Exception as exc:
-            raise MediaError(path, f"truncated or not a torch weights file ({exc})") from exc
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not obj:
-        raise MediaError(path, f"expected a state dict, found {type(obj).__name__}")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
-    if bad:
-        raise MediaError(path, f"not a state dict of tensors (e.g. entry {bad[0]!r})")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise MediaError(path, f"unreadable safetensors file ({exc})") from exc
+    return {k.removeprefix("module."): v for k, v in tensors.items()}
 
 
 def _mismatch(model: nn.Module, sd: StateDict) -> list[str]:
