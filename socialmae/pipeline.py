@@ -16,6 +16,7 @@ import pandas as pd
 
 from socialmae.data.crop import CropParams, crop_faces
 from socialmae.data.manifest import read_manifest
+from socialmae.io import atomic_write_text
 from socialmae.params import ParamsError, from_mapping, load_yaml
 
 RAW = Path("data/raw")
@@ -42,10 +43,7 @@ class DemoParams:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _datasets(params: dict[str, Any]) -> tuple[str, ...]:

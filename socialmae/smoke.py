@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from socialmae.checkpoints import load_checkpoint
+from socialmae.io import atomic_write_text
 from socialmae.losses import LossWeights
 from socialmae.model import SocialMAE, SocialMAEConfig, get_preset
 
@@ -142,9 +143,7 @@ def pretrain_smoke(
         seconds=round(seconds, 2),
         parameters=sum(p.numel() for p in model.parameters()),
     )
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    tmp.replace(out / "metrics.json")
+    atomic_write_text(out / "metrics.json", json.dumps(asdict(summary), indent=2) + "\n")
     return summary
 
 

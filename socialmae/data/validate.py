@@ -32,6 +32,7 @@ import pandas as pd
 from socialmae.data.clips import CLIPS_TABLE
 from socialmae.data.errors import MediaError
 from socialmae.data.manifest import read_manifest
+from socialmae.io import atomic_write_text
 from socialmae.tasks import TASKS
 
 logger = logging.getLogger(__name__)
@@ -397,15 +398,8 @@ def _jsonable(value: Any) -> Any:
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
 def _atomic_json(path: Path, data: Any) -> Path:
-    return _atomic_text(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+    return atomic_write_text(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
 
 
 def _swap_dir(new: Path, target: Path) -> None:
@@ -631,9 +625,9 @@ def validate(
             },
         },
     )
-    _atomic_text(files["quarantine"], quarantine.to_csv(index=False))
+    atomic_write_text(files["quarantine"], quarantine.to_csv(index=False))
     accepted_table = accepted[["clip_id", "dataset", "split"]].drop_duplicates("clip_id")
-    _atomic_text(files["accepted"], accepted_table.to_csv(index=False))
+    atomic_write_text(files["accepted"], accepted_table.to_csv(index=False))
     _atomic_json(files["balance"], balance)
     _atomic_json(files["metrics"], metrics)
 
