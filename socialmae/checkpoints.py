@@ -20,8 +20,6 @@ import logging
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from socialmae.io import atomic_directory
 from socialmae.model.config import SocialMAEConfig, get_preset
 from socialmae.model.layers import reference_video_token_index, sincos_1d
 from socialmae.model.social_mae import SocialMAE, SocialMAEClassifier, SocialMAEEncoder, Task
@@ -273,27 +272,15 @@ def build_official(
 
 def save_pretrained(model: SocialMAEEncoder, directory: str | os.PathLike[str]) -> Path:
     """Write ``model.safetensors`` + ``config.json`` into ``directory``, replacing it atomically."""
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "socialmae"})
         meta = {"format_version": FORMAT_VERSION, **model.architecture(),
                 "config": model.config.to_dict()}  # fmt: skip
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return atomic_directory(directory, write)
 
 
 def _read_pretrained(directory: Path) -> tuple[dict[str, Any], StateDict]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from socialmae.checkpoints import load_checkpoint
+from socialmae.figures import save_reconstruction_figure
 from socialmae.io import atomic_write_text
 from socialmae.losses import LossWeights
 from socialmae.model import SocialMAE, SocialMAEConfig, get_preset
@@ -145,35 +146,3 @@ def pretrain_smoke(
     )
     atomic_write_text(out / "metrics.json", json.dumps(asdict(summary), indent=2) + "\n")
     return summary
-
-
-def save_reconstruction_figure(
-    model: SocialMAE, audio: torch.Tensor, video: torch.Tensor, path: Path, seed: int = 0
-) -> None:
-    """Original / masked / reconstructed frames and spectrogram of the first clip (Fig. 2)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rec = model.reconstruct(audio[:1], video[:1], generator=torch.Generator().manual_seed(seed))
-    rows = [
-        ("original", rec.video, rec.audio),
-        ("masked", rec.video_masked, rec.audio_masked),
-        ("reconstructed", rec.video_reconstructed, rec.audio_reconstructed),
-    ]
-    frames = rec.video.shape[2]
-    fig, axes = plt.subplots(3, frames + 1, figsize=(2 * (frames + 1), 6.5))
-    for r, (name, clip, fbank) in enumerate(rows):
-        lo, hi = rec.video.min(), rec.video.max()
-        for t in range(frames):
-            image = ((clip[0, :, t] - lo) / (hi - lo)).clamp(0, 1).permute(1, 2, 0)  # [H, W, C]
-            axes[r, t].imshow(image.numpy())
-            axes[r, t].axis("off")
-        axes[r, 0].set_title(name, loc="left")
-        axes[r, frames].imshow(fbank[0].T.numpy(), aspect="auto", origin="lower")
-        axes[r, frames].set_xlabel("frame")
-        axes[r, frames].set_ylabel("mel bin")
-    fig.tight_layout()
-    fig.savefig(path, dpi=60)
-    plt.close(fig)

@@ -48,3 +48,17 @@ def official_file(tmp_path: Path):
         return path, sd
 
     return write
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """A small generated demo set (12 clips, 6 emotions, 4 identities split 2/1/1), cropped
+    into shards once per test session; treat it as read-only."""
+    from socialmae.data.crop import CropParams, crop_faces
+    from socialmae.data.manifest import read_manifest
+    from socialmae.data.sources.demo import prepare_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    prepare_demo(root / "raw", clips_per_label=2, identities=4, seconds=2.0, seed=0)
+    crop_faces(read_manifest(root / "raw"), root / "faces", CropParams(workers=1))
+    return root / "faces"

@@ -151,7 +151,7 @@ class ShardDataset(torch.utils.data.Dataset):
 
     Items are dicts: ``audio [1024, 128]``, ``video [3, T, 224, 224]``, ``target [C]`` (one-hot,
     possibly mixed, for classification; trait scores for regression; empty when unlabelled),
-    ``label`` (class index, -1 when none) and ``clip_id``.
+    ``label`` (class index, -1 when none), ``clip_id`` and ``index`` (position in the dataset).
     """
 
     def __init__(
@@ -246,6 +246,7 @@ class ShardDataset(torch.utils.data.Dataset):
             "target": target,
             "label": label,
             "clip_id": self.table.iloc[index]["clip_id"],
+            "index": index,
         }
 
 

@@ -75,6 +75,17 @@ def frames_to_video(frames: np.ndarray, channel_order: str = "RGB") -> torch.Ten
     return ((video - mean) / std).permute(3, 0, 1, 2).contiguous()
 
 
+def video_to_frames(video: torch.Tensor, channel_order: str = "RGB") -> np.ndarray:
+    """Inverse of :func:`frames_to_video`: ``[3, T, H, W]`` normalised -> ``[T, H, W, 3]`` RGB
+    uint8 (values outside the image range, e.g. in reconstructions, are clipped)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 1, 1, 3)
+    std = torch.tensor(IMAGENET_STD).view(1, 1, 1, 3)
+    frames = video.detach().float().cpu().permute(1, 2, 3, 0) * std + mean  # [T, H, W, 3]
+    if channel_order == "BGR":
+        frames = frames.flip(-1)
+    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
 def rms_db(waveform: np.ndarray) -> float:
     """RMS level in dBFS (``-inf`` for digital silence)."""
     if waveform.size == 0:

@@ -6,11 +6,16 @@ original token order; every sample keeps the same number of tokens.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
 
 AudioMaskMode = Literal["unstructured", "time", "freq", "tf"]
+
+# One generator for the whole batch, or one per sample: per-sample generators make a sample's
+# mask independent of how the batch is split (across DDP ranks, or after a resume).
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 class Masked(NamedTuple):
@@ -21,9 +26,15 @@ class Masked(NamedTuple):
     ids_restore: torch.Tensor  # [B, L] position of each original token in [visible | removed]
 
 
-def _uniform(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None):
-    device = generator.device if generator is not None else like.device
-    return torch.rand(shape, generator=generator, device=device).to(like.device)
+def _uniform(shape: tuple[int, ...], like: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Uniform noise of ``shape`` (first dim = batch) on ``like``'s device."""
+    if generator is None or isinstance(generator, torch.Generator):
+        device = generator.device if generator is not None else like.device
+        return torch.rand(shape, generator=generator, device=device).to(like.device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+    rows = [torch.rand(shape[1:], generator=g, device=g.device) for g in generator]
+    return torch.stack(rows).to(like.device)
 
 
 def kept_count(num_tokens: int, ratio: float) -> int:
@@ -51,15 +62,13 @@ def mask_by_noise(x: torch.Tensor, noise: torch.Tensor, ratio: float) -> Masked:
     return Masked(visible, mask, ids_restore)
 
 
-def random_masking(
-    x: torch.Tensor, ratio: float, generator: torch.Generator | None = None
-) -> Masked:
+def random_masking(x: torch.Tensor, ratio: float, generator: Generators = None) -> Masked:
     """Unstructured per-sample masking of ``[B, L, D]`` tokens at ``ratio``."""
     return mask_by_noise(x, _uniform(x.shape[:2], x, generator), ratio)
 
 
 def _random_lines(
-    b: int, n: int, k: int, like: torch.Tensor, generator: torch.Generator | None
+    b: int, n: int, k: int, like: torch.Tensor, generator: Generators
 ) -> torch.Tensor:
     """``[B, n]`` float, 1.0 on ``k`` randomly chosen lines per sample."""
     order = _uniform((b, n), like, generator).argsort(dim=1)[:, :k]  # [B, k]
@@ -71,7 +80,7 @@ def structured_audio_masking(
     ratio: float,
     grid: tuple[int, int],
     mode: AudioMaskMode = "time",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Masked:
     """Audio masking that prefers whole time columns and/or frequency rows (CAV-MAE ablation).
 

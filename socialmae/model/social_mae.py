@@ -7,6 +7,7 @@ Parameter names follow the released checkpoints (``blocks_a.0.attn.qkv.weight``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Self
 
@@ -33,6 +34,7 @@ from socialmae.model.layers import (
 )
 from socialmae.model.masking import (
     AudioMaskMode,
+    Generators,
     Masked,
     random_masking,
     structured_audio_masking,
@@ -311,7 +313,7 @@ class SocialMAE(SocialMAEEncoder):
         mask_ratio_audio: float,
         mask_ratio_video: float,
         audio_mask_mode: AudioMaskMode = "unstructured",
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> tuple[torch.Tensor, Masked, Masked, torch.Tensor, torch.Tensor]:
         """Mask and encode.
 
@@ -354,7 +356,8 @@ class SocialMAE(SocialMAEEncoder):
         mask_ratio_video: float = 0.75,
         weights: LossWeights | None = None,
         audio_mask_mode: AudioMaskMode = "unstructured",
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> PretrainOutput:
         """One pretraining pass.
 
@@ -362,7 +365,11 @@ class SocialMAE(SocialMAEEncoder):
             audio: ``[B, 1024, 128]`` normalised fbank; video: ``[B, 3, T, 224, 224]``.
             weights: loss weights (default: the paper's, 1.0 and 0.01); a zero weight skips
                 that branch (no decoder pass, or no contrastive pass).
-            generator: source of the masking noise, for reproducible masks.
+            generator: source of the masking noise (one, or one per sample), for
+                reproducible masks.
+            gather: ``[B, D] -> [W*B, D]`` concatenation over data-parallel ranks that keeps
+                gradients (:func:`socialmae.train.distributed.gather_with_grad`): the
+                contrastive loss then sees the global batch, as a single process would.
         """
         weights = weights or LossWeights()
         joint, masked_a, masked_v, uni_a, uni_v = self.forward_encoder(
@@ -381,8 +388,11 @@ class SocialMAE(SocialMAEEncoder):
                 pred_v, self.video_target(video), masked_v.mask, norm_pix
             )
         if weights.contrastive > 0:
+            pooled_a, pooled_v = uni_a.mean(dim=1), uni_v.mean(dim=1)  # [B, D]
+            if gather is not None:
+                pooled_a, pooled_v = gather(pooled_a), gather(pooled_v)  # [W*B, D]
             loss_c, acc = contrastive_loss(
-                uni_a.mean(dim=1), uni_v.mean(dim=1), weights.temperature, weights.bidirectional
+                pooled_a, pooled_v, weights.temperature, weights.bidirectional
             )
         return PretrainOutput(
             loss=total_loss(loss_a, loss_v, loss_c, weights),
@@ -403,7 +413,7 @@ class SocialMAE(SocialMAEEncoder):
         video: torch.Tensor,
         mask_ratio_audio: float = 0.75,
         mask_ratio_video: float = 0.75,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> Reconstruction:
         """Mask, reconstruct, and paste visible patches back (the paper's Fig. 2).
 

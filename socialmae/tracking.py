@@ -1,0 +1,110 @@
+"""MLflow tracking: where runs go, and a rank-aware logger the training loops share.
+
+The tracking URI is an explicit value (params.yaml), else ``MLFLOW_TRACKING_URI``, else the
+embedded ``sqlite:///mlflow.db``. Credentials for a tracking server stay in MLflow's own
+environment variables (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN``); nothing here
+logs a URI without redacting it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    """``explicit`` if given, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def flatten(values: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings/dataclasses -> ``{"a.b": value}`` with plain values (for log_params)."""
+    if dataclasses.is_dataclass(values) and not isinstance(values, type):
+        values = dataclasses.asdict(values)
+    flat: dict[str, Any] = {}
+    for key, value in dict(values).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) or (
+            dataclasses.is_dataclass(value) and not isinstance(value, type)
+        ):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class Tracker:
+    """Logs to one MLflow run from the main rank; every call is a no-op elsewhere.
+
+    Inside an active MLflow run (an Optuna trial, a Prefect flow) it logs into that run
+    instead of starting another one.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.run_id: str | None = None
+
+    @contextlib.contextmanager
+    def run(
+        self,
+        experiment: str,
+        run_name: str,
+        tracking_uri: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> Iterator[Tracker]:
+        if not self.enabled:
+            yield self
+            return
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None:
+            self.run_id = active.info.run_id
+            if tags:
+                mlflow.set_tags(dict(tags))
+            yield self
+            return
+        from socialmae.data.download import redact
+
+        uri = resolve_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=run_name, tags=dict(tags or {})) as run:
+            self.run_id = run.info.run_id
+            logger.info("MLflow run %s in %s (%s)", self.run_id, experiment, redact(uri))
+            yield self
+
+    def log_params(self, params: Mapping[str, Any] | Any) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        mlflow.log_params(flat)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        clean = {k: float(v) for k, v in metrics.items()}
+        mlflow.log_metrics(clean, step=step)
+
+    def log_artifact(self, path: str | os.PathLike[str], folder: str | None = None) -> None:
+        if not self.enabled or not Path(path).exists():
+            return
+        import mlflow
+
+        if Path(path).is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=folder)
+        else:
+            mlflow.log_artifact(str(path), artifact_path=folder)

@@ -1,0 +1,1 @@
+"""Training: pretraining, fine-tuning, metrics and hyper-parameter search."""
