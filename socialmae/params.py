@@ -71,7 +71,11 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
 
 
 def from_mapping(cls: type[T], mapping: Any, key: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping; every key must be a field."""
+    """Build dataclass ``cls`` from a mapping; every key must be a field.
+
+    A ``ParamsError`` that ``cls`` raises itself (say from ``__post_init__``) names a field
+    (``fractions``); it is re-raised under the full key (``download.cremad.fractions``).
+    """
     if mapping is None:
         mapping = {}
     if not isinstance(mapping, dict):
@@ -85,9 +89,9 @@ def from_mapping(cls: type[T], mapping: Any, key: str = "") -> T:
     values = {name: _coerce(v, hints[name], f"{prefix}{name}") for name, v in mapping.items()}
     try:
         return cls(**values)
+    except ParamsError as exc:  # raised by a __post_init__ check with the field's own key
+        raise ParamsError(f"{prefix}{exc.key}", exc.reason) from exc
     except (ValueError, TypeError) as exc:
-        if isinstance(exc, ParamsError):
-            raise
         raise ParamsError(key or "<root>", str(exc)) from exc
 
 

@@ -15,7 +15,9 @@ from typing import Any
 import pandas as pd
 
 from socialmae.data.crop import CropParams, crop_faces
+from socialmae.data.errors import MediaError
 from socialmae.data.manifest import read_manifest
+from socialmae.data.sources.catalog import SOURCES, check_names, parse_download
 from socialmae.io import atomic_write_text
 from socialmae.params import ParamsError, from_mapping, load_yaml
 
@@ -26,20 +28,10 @@ VALIDATION = Path("data/processed/validation")
 
 @dataclass(frozen=True)
 class DataParams:
-    """Which datasets the pipeline uses (``data`` in params.yaml)."""
+    """Which datasets the pipeline uses (``data`` in params.yaml): names of
+    ``socialmae.data.sources.catalog.SOURCES``, each configured by ``download.<name>``."""
 
     datasets: tuple[str, ...] = ("demo",)
-
-
-@dataclass(frozen=True)
-class DemoParams:
-    """The generated demo set (``download.demo``)."""
-
-    clips_per_label: int = 8
-    identities: int = 4
-    seconds: float = 3.0
-    seed: int = 0
-    workers: int = 1
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -48,35 +40,33 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _datasets(params: dict[str, Any]) -> tuple[str, ...]:
     data = from_mapping(DataParams, params.get("data"), "data")
-    unsupported = sorted(set(data.datasets) - {"demo"})
-    if unsupported:
-        raise ParamsError(
-            "data.datasets",
-            f"{unsupported}: only the demo set is wired into the pipeline so far; use the "
-            "socialmae.data.sources functions for the others",
-        )
-    return data.datasets
+    return check_names(data.datasets, "data.datasets")
 
 
 def stage_download(params_path: str | os.PathLike[str], root: Path = RAW) -> dict[str, Any]:
-    """Produce raw clips and a manifest per dataset under ``root/<dataset>/``."""
-    from socialmae.data.sources.demo import prepare_demo
+    """Produce raw clips (or links to them) and a manifest per dataset under ``root/<dataset>/``.
 
+    Each selected dataset's ``download.<name>`` section goes to its prepare function (see
+    ``socialmae.data.sources.catalog``); a dataset that ends up with no clip stops the stage.
+    """
     params = load_yaml(params_path)
+    names = _datasets(params)
+    sections = parse_download(params.get("download"), names)
     metrics: dict[str, Any] = {}
-    for name in _datasets(params):
-        section = (params.get("download") or {}).get(name)
-        demo = from_mapping(DemoParams, section, f"download.{name}")
-        frame = prepare_demo(
-            root / name,
-            clips_per_label=demo.clips_per_label,
-            identities=demo.identities,
-            seconds=demo.seconds,
-            seed=demo.seed,
-            workers=demo.workers,
-        )
-        metrics[name] = {"clips": len(frame), "speakers": int(frame["speaker"].nunique())}
-        _write_json(root / name / "download_metrics.json", metrics[name])
+    for name in names:
+        try:
+            frame = SOURCES[name].prepare(sections[name], root / name)
+        except ParamsError as exc:  # a field the prepare step found unusable
+            raise ParamsError(f"download.{name}.{exc.key}", exc.reason) from exc
+        missing = frame.attrs.get("missing")
+        if not len(frame):
+            absent = f" ({len(missing)} listed but missing)" if missing else ""
+            raise MediaError(root / name, f"{name}: no clips{absent}")
+        result: dict[str, Any] = {"clips": len(frame), "speakers": int(frame["speaker"].nunique())}
+        if missing is not None:  # sources that list files report how many were absent
+            result["missing"] = len(missing)
+        metrics[name] = result
+        _write_json(root / name / "download_metrics.json", result)
     return metrics
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from socialmae.data.download import DownloadError, download, safe_extract
+from socialmae.data.download import AuthEnv, DownloadError, download, safe_extract
 from socialmae.data.errors import MediaError
+from socialmae.params import ParamsError
 
 
 @dataclass
@@ -275,6 +276,35 @@ def test_credentials_from_env_are_sent_but_never_shown(
     monkeypatch.setenv("SOCIALMAE_HTTP_AUTH_HOSTS", "example.org")
     download(server.url("/s.bin"), tmp_path / "u.bin", **FAST)
     assert server.requests[-1][2] is None
+
+
+def test_credentials_from_env_variables_named_by_the_caller(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    for name in ("SOCIALMAE_HTTP_USER", "SOCIALMAE_HTTP_TOKEN", "SOCIALMAE_HTTP_AUTH_HOSTS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LAB_TOKEN", "lab-token-secret")
+    monkeypatch.setenv("LAB_HOSTS", "127.0.0.1")
+    env = AuthEnv(token_env="LAB_TOKEN", hosts_env="LAB_HOSTS")
+    server.files["/x.bin"] = b"x"
+    download(server.url("/x.bin"), tmp_path / "x.bin", auth_env=env, **FAST)
+    assert server.requests[-1][2] == "Bearer lab-token-secret"
+    download(server.url("/x.bin"), tmp_path / "y.bin", **FAST)  # the defaults are unset
+    assert server.requests[-1][2] is None
+
+    server.fail_times["/f.bin"] = 3
+    with pytest.raises(DownloadError) as info:
+        download(server.url("/f.bin?k=lab-token-secret"), tmp_path / "f", retries=0,
+                 auth_env=env, **FAST)  # fmt: skip
+    assert "lab-token-secret" not in str(info.value) + caplog.text
+
+    monkeypatch.setenv("LAB_HOSTS", "example.org")
+    download(server.url("/x.bin"), tmp_path / "z.bin", auth_env=env, **FAST)
+    assert server.requests[-1][2] is None
+    with pytest.raises(ParamsError) as bad:
+        AuthEnv(token_env="hunter2 is my token")
+    assert bad.value.key == "token_env" and "hunter2" not in str(bad.value)
 
 
 def test_progress_bar_runs(server: FileServer, tmp_path: Path) -> None:

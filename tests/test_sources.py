@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import shutil
+import struct
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from media import write_clip
 from test_download import FileServer, serve_files
 
+from socialmae.data.download import sha256_of
 from socialmae.data.errors import MediaError
 from socialmae.data.manifest import read_manifest
 from socialmae.data.sources.cremad import parse_name, prepare_cremad, read_names
@@ -214,6 +216,44 @@ def test_cremad_rejects_bad_names_and_lfs_pointers(
     assert not (tmp_path / "y" / "AudioWAV" / "1001_DFA_ANG_XX.wav").exists()
 
 
+def test_cremad_from_a_local_copy(tmp_path: Path, media: dict[str, bytes]) -> None:
+    local = tmp_path / "CREMA-D"
+    for name in NAMES[:4]:
+        _put(local / "VideoFlash" / f"{name}.flv", media[".flv"])
+        _put(local / "AudioWAV" / f"{name}.wav", media[".wav"])
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 1\n"
+    _put(local / "VideoFlash" / f"{NAMES[4]}.flv", pointer)  # cloned without git lfs
+    _put(local / "AudioWAV" / f"{NAMES[4]}.wav", media[".wav"])
+    wav = f"AudioWAV/{NAMES[0]}.wav"
+    # no SentenceFilenames.csv: the names are those of the files in VideoFlash/
+    out = tmp_path / "raw" / "cremad"
+    frame = prepare_cremad(
+        None, out, base_url=str(local), checksums={wav: sha256_of(local / wav)}, progress=False
+    )
+    stored = _check_manifest(frame, out, "cremad")
+    assert sorted(stored["clip_id"]) == NAMES[:4]
+    assert frame.attrs["missing"] == [NAMES[4]]  # the pointer is not media
+    assert (local / "VideoFlash" / f"{NAMES[4]}.flv").read_bytes() == pointer  # left alone
+    row = stored.set_index("clip_id").loc[NAMES[0]]
+    assert (out / row["path"]).is_symlink() and (out / row["extra"]["audio"]).is_symlink()
+    assert (out / row["path"]).read_bytes() == media[".flv"]
+
+    # the official list when the copy has one; a bad checksum marks the clip missing
+    (local / "SentenceFilenames.csv").write_text("Filename\n" + "\n".join(NAMES[:3]) + "\n")
+    frame = prepare_cremad(
+        None,
+        tmp_path / "copied",
+        base_url=str(local),
+        mode="copy",
+        checksums={wav: "0" * 64},
+        progress=False,
+    )
+    assert sorted(frame["clip_id"]) == NAMES[1:3] and frame.attrs["missing"] == [NAMES[0]]
+    assert not any((tmp_path / "copied" / p).is_symlink() for p in frame["path"])
+    with pytest.raises(MediaError, match="CREMA-D directory not found"):
+        prepare_cremad(None, tmp_path / "x", base_url=str(tmp_path / "nowhere"))
+
+
 # --------------------------------------------------------------------------- VoxCeleb2
 
 
@@ -382,18 +422,112 @@ class _Boom:
 def test_annotation_pickles_cannot_run_code(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     evil = tmp_path / "annotation_training.pkl"
-    evil.write_bytes(pickle.dumps({"openness": {"a.000.mp4": _Boom()}}))
-    with pytest.raises(MediaError, match="not a plain annotation pickle"):
+    for protocol in (0, 2, 5):
+        evil.write_bytes(pickle.dumps({"openness": {"a.000.mp4": _Boom()}}, protocol=protocol))
+        with pytest.raises(MediaError, match=r"refusing to load (posix|os|nt)\.system"):
+            load_annotations(evil)
+    # numpy numbers are allowed now, but not as a way in: the same pickle with them mixed in
+    mixed = _annotation({"a.000.mp4": 0.5})
+    mixed["openness"] = {"a.000.mp4": np.float64(0.5), "b.000.mp4": _Boom()}
+    evil.write_bytes(pickle.dumps(mixed, protocol=2))
+    with pytest.raises(MediaError, match="refusing"):
         load_annotations(evil)
     assert not (tmp_path / "pwned").exists()
-    numpyish = tmp_path / "np.pkl"
-    numpyish.write_bytes(pickle.dumps(np.float64(0.5)))
-    with pytest.raises(MediaError, match="refusing"):
-        load_annotations(numpyish)
+    refused = {
+        "object array": np.array([0.5, None], dtype=object),
+        "string array": np.array(["0.5"]),
+        "numpy bool": np.bool_(True),
+        "datetime": np.datetime64("2020-01-01"),
+        "record array": np.array([(1, 0.5)], dtype="i4,f8"),
+        "masked array": np.ma.masked_array([0.5]),
+    }
+    for what, value in refused.items():
+        evil.write_bytes(pickle.dumps({"openness": {"a.000.mp4": value}}, protocol=2))
+        with pytest.raises(MediaError, match="refusing") as info:
+            load_annotations(evil)
+        assert "not a plain annotation pickle" in str(info.value), what
+    # other numpy globals and codecs stay closed: numpy.load, _codecs.encode with rot13
+    evil.write_bytes(b"\x80\x02cnumpy\nload\nX\x03\x00\x00\x00x.pyR.")
+    with pytest.raises(MediaError, match=r"refusing to load numpy\.load"):
+        load_annotations(evil)
+    evil.write_bytes(b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86R.")
+    with pytest.raises(MediaError, match="rot13"):
+        load_annotations(evil)
     # Python 2 style pickles (protocol 2, latin1 byte strings) load as str -> float dicts.
     plain = tmp_path / "plain.pkl"
     plain.write_bytes(pickle.dumps(_annotation({"é.000.mp4": 0.5}), protocol=2))
     assert list(load_annotations(plain)) == ["é.000.mp4"]
+
+
+def _py2_short(text: str) -> bytes:
+    """SHORT_BINSTRING: a Python 2 ``str`` (read back as latin1 text)."""
+    data = text.encode("latin1")
+    return b"U" + bytes([len(data)]) + data
+
+
+def _py2_float64(value: float) -> bytes:
+    """``numpy.float64(value)`` as Python 2 with numpy 1.x pickled it (protocol 2): the
+    ``numpy.core.multiarray.scalar`` reconstructor, ``dtype('f8', 0, 1)`` with its state, and
+    the raw little-endian bytes as a Python 2 ``str``."""
+    dtype = b"cnumpy\ndtype\n" + _py2_short("f8") + b"K\x00K\x01\x87R"
+    state = b"(K\x03" + _py2_short("<") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    data = b"U\x08" + struct.pack("<d", value)
+    return b"cnumpy.core.multiarray\nscalar\n" + dtype + state + data + b"\x86R"
+
+
+def _py2_annotation(videos: dict[str, float]) -> bytes:
+    """A whole annotation pickle of numpy float64 scores, written opcode by opcode."""
+    body = b""
+    for trait, scores in _annotation(videos, extra_key=False).items():
+        items = b"".join(_py2_short(v) + _py2_float64(x) for v, x in scores.items())
+        body += _py2_short(trait) + b"}(" + items + b"u"
+    return b"\x80\x02}(" + body + b"u."
+
+
+def test_annotation_pickles_with_numpy_numbers_load(
+    tmp_path: Path, media: dict[str, bytes]
+) -> None:
+    videos = {"-AmMDnVl4s8.003.mp4": 0.1, "B1xkD4f2k9A.000.mp4": 0.4, "zzz9f.Ab.001.mp4": 0.3}
+    expected = {v: [0.05 * (len(TRAITS) - 1 - i) + base for i in range(len(TRAITS))]
+                for v, base in videos.items()}  # fmt: skip
+    plain = _annotation(videos)
+    as_numpy = {
+        "float64": lambda x: np.float64(x),
+        "float32": lambda x: np.float32(x),
+        "1-element array": lambda x: np.array([x]),
+        "0-d array": lambda x: np.array(x),
+        "big-endian": lambda x: np.array([x], dtype=">f8"),
+    }
+    path = tmp_path / "annotation_training.pkl"
+    for what, convert in as_numpy.items():
+        data = {t: {v: convert(x) for v, x in s.items()} for t, s in plain.items()}
+        for protocol in (2, pickle.HIGHEST_PROTOCOL):
+            path.write_bytes(pickle.dumps(data, protocol=protocol))
+            loaded = load_annotations(path)
+            assert list(loaded) == sorted(videos), (what, protocol)
+            for video, targets in loaded.items():
+                assert all(type(t) is float for t in targets)
+                assert np.allclose(targets, expected[video], atol=1e-6), (what, protocol)
+
+    # Written the way Python 2 + numpy 1.x did: numpy.core.multiarray, byte strings as str.
+    legacy = _py2_annotation(videos)
+    assert pickle.loads(legacy, encoding="latin1")["openness"][  # real numpy reads it too
+        "B1xkD4f2k9A.000.mp4"
+    ] == np.float64(plain["openness"]["B1xkD4f2k9A.000.mp4"])
+    path.write_bytes(legacy)
+    loaded = load_annotations(path)
+    assert list(loaded) == sorted(videos)
+    assert all(np.allclose(loaded[v], expected[v]) for v in videos)
+
+    # and the whole source on such pickles
+    root = tmp_path / "fi"
+    for video in videos:
+        _put(root / "train" / video, media[".mp4"])
+    shutil.copy(path, root / "annotation_training.pkl")
+    frame = prepare_firstimpressions(root, tmp_path / "out")
+    _check_manifest(frame, tmp_path / "out", "firstimpressions")
+    by_id = frame.set_index("clip_id")
+    assert np.allclose(by_id.loc["B1xkD4f2k9A.000", "targets"], expected["B1xkD4f2k9A.000.mp4"])
 
 
 # --------------------------------------------------------------------------- NDC-ME

@@ -6,6 +6,12 @@ Credentials come from environment variables only and never appear in logs or err
 * ``SOCIALMAE_HTTP_TOKEN``: ``Authorization: Bearer <token>`` (wins over basic auth);
 * ``SOCIALMAE_HTTP_AUTH_HOSTS`` (optional, comma-separated host names): send credentials only to
   these hosts (default: every host asked). Credentials are never forwarded across redirects.
+
+Those are the default variable *names*; an :class:`AuthEnv` names others (params.yaml can say
+which variables to read, never what they hold).
+
+Archives (``*.zip``, ``*.tar.*``, split ``*_partaa``/``*_partab`` pieces) are fetched from URL
+lists and extracted safely by :func:`fetch_archives`.
 """
 
 from __future__ import annotations
@@ -23,13 +29,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from socialmae.data.errors import MediaError
+from socialmae.io import atomic_write, atomic_write_text
+from socialmae.params import ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +51,39 @@ AUTH_HOSTS_ENV = "SOCIALMAE_HTTP_AUTH_HOSTS"
 CHUNK = 1 << 20
 MAX_SLEEP = 60.0
 RETRY_STATUS = frozenset({408, 425, 429})  # plus every 5xx except 501
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PART = re.compile(r"^(?P<stem>.+)_part(?P<part>[a-z]{2})$")
+
+
+@dataclass(frozen=True)
+class AuthEnv:
+    """Names of the environment variables that hold download credentials (never the values).
+
+    ``token_env`` (Bearer) wins over ``user_env`` + ``password_env`` (basic auth);
+    ``hosts_env`` optionally lists the only hosts (comma-separated) that get credentials.
+    """
+
+    user_env: str = USER_ENV
+    password_env: str = PASSWORD_ENV
+    token_env: str = TOKEN_ENV
+    hosts_env: str = AUTH_HOSTS_ENV
+
+    def __post_init__(self) -> None:
+        for name in ("user_env", "password_env", "token_env", "hosts_env"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not _ENV_NAME.match(value):
+                raise ParamsError(
+                    name, "expected the NAME of an environment variable (letters, digits, _)"
+                )
+
+    def secrets(self) -> list[str]:
+        """The credential values currently set (to mask them in messages)."""
+        names = {self.user_env, self.password_env, self.token_env}
+        names |= {USER_ENV, PASSWORD_ENV, TOKEN_ENV}
+        return [v for n in sorted(names) if (v := os.environ.get(n)) and len(v) >= 3]
+
+
+DEFAULT_AUTH = AuthEnv()
 
 
 class DownloadError(MediaError):
@@ -51,7 +94,7 @@ class _RetryError(Exception):
     """A transient failure: try again after a pause."""
 
 
-def redact(text: str) -> str:
+def redact(text: str, env: AuthEnv = DEFAULT_AUTH) -> str:
     """``text`` with URL user info, secret query values and env credentials masked."""
     text = re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
     text = re.sub(
@@ -60,10 +103,8 @@ def redact(text: str) -> str:
         text,
         flags=re.I,
     )
-    for name in (PASSWORD_ENV, TOKEN_ENV, USER_ENV):
-        secret = os.environ.get(name)
-        if secret and len(secret) >= 3:
-            text = text.replace(secret, "***")
+    for secret in env.secrets():
+        text = text.replace(secret, "***")
     return text
 
 
@@ -81,19 +122,20 @@ def _split_userinfo(url: str) -> tuple[str, str | None]:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), f"Basic {token}"
 
 
-def auth_header(url: str) -> str | None:
-    """The ``Authorization`` value the environment gives for ``url``, or None."""
-    hosts = os.environ.get(AUTH_HOSTS_ENV, "").strip()
+def auth_header(url: str, env: AuthEnv = DEFAULT_AUTH) -> str | None:
+    """The ``Authorization`` value the environment (variables named by ``env``) gives for
+    ``url``, or None."""
+    hosts = os.environ.get(env.hosts_env, "").strip()
     if hosts:
         allowed = {h.strip().lower() for h in hosts.split(",") if h.strip()}
         if (urllib.parse.urlsplit(url).hostname or "").lower() not in allowed:
             return None
-    token = os.environ.get(TOKEN_ENV)
+    token = os.environ.get(env.token_env)
     if token:
         return f"Bearer {token}"
-    user = os.environ.get(USER_ENV)
+    user = os.environ.get(env.user_env)
     if user:
-        password = os.environ.get(PASSWORD_ENV, "")
+        password = os.environ.get(env.password_env, "")
         return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
     return None
 
@@ -162,6 +204,7 @@ def _fetch_once(
     size: int | None,
     timeout: float,
     bar: Any,
+    env: AuthEnv = DEFAULT_AUTH,
 ) -> None:
     """Append the rest of ``url`` to ``part`` (Range from its size); raise _RetryError if cut."""
     offset = part.stat().st_size if part.exists() else 0
@@ -183,12 +226,14 @@ def _fetch_once(
             _, total = _content_range(exc.headers.get("Content-Range"))
             if total is not None and total == offset:
                 return  # the partial file already holds everything
-            log.info("%s: range %d- not satisfiable, restarting", redact(url), offset)
+            log.info("%s: range %d- not satisfiable, restarting", redact(url, env), offset)
             part.unlink(missing_ok=True)
             raise _RetryError("range not satisfiable") from None
         if exc.code in RETRY_STATUS or (exc.code >= 500 and exc.code != 501):
             raise _RetryError(f"HTTP {exc.code}") from None
-        raise DownloadError(redact(url), f"HTTP {exc.code} {redact(str(exc.reason))}") from None
+        raise DownloadError(
+            redact(url, env), f"HTTP {exc.code} {redact(str(exc.reason), env)}"
+        ) from None
     with response:
         status = response.status
         length = response.headers.get("Content-Length")
@@ -196,14 +241,16 @@ def _fetch_once(
         if status == 206:
             start, total = _content_range(response.headers.get("Content-Range"))
             if start != offset:
-                log.info("%s: server resumed at %s, not %d; restarting", redact(url), start, offset)
+                log.info(
+                    "%s: server resumed at %s, not %d; restarting", redact(url, env), start, offset
+                )
                 part.unlink(missing_ok=True)
                 raise _RetryError("unexpected Content-Range")
             mode = "ab"
             whole = total if total is not None else None
         else:
             if offset:
-                log.info("%s: server ignored the Range request; restarting", redact(url))
+                log.info("%s: server ignored the Range request; restarting", redact(url, env))
             mode, offset = "wb", 0
             whole = expected
         if bar is not None:
@@ -238,6 +285,7 @@ def download(
     timeout: float = 30,
     backoff: float = 1.0,
     progress: bool = True,
+    auth_env: AuthEnv = DEFAULT_AUTH,
 ) -> Path:
     """Fetch ``url`` to ``dest`` and return ``dest``.
 
@@ -246,11 +294,12 @@ def download(
     (``backoff * 2**attempt`` seconds), checks ``size``/``sha256`` when given (a mismatch
     re-fetches once, then raises :class:`DownloadError`), then renames atomically. An existing
     ``dest`` that matches the given checksum/size (or any existing ``dest`` when neither is given)
-    is kept as is; a ``.part`` file never counts as done.
+    is kept as is; a ``.part`` file never counts as done. Credentials come from the environment
+    variables ``auth_env`` names (or from ``user:password@`` in the URL).
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
-    shown = redact(url)
+    shown = redact(url, auth_env)
     if dest.is_file():
         ok, why = _matches(dest, sha256, size)
         if ok:
@@ -259,7 +308,7 @@ def download(
         log.warning("%s exists but %s; fetching %s again", dest, why, shown)
     dest.parent.mkdir(parents=True, exist_ok=True)
     clean_url, url_auth = _split_userinfo(url)
-    auth = url_auth or auth_header(clean_url)
+    auth = url_auth or auth_header(clean_url, auth_env)
     sent = {"User-Agent": "socialmae-download/1"} | dict(headers or {})
     if any(k.lower() == "authorization" for k in sent):
         auth = None  # the caller's header wins; it is sent like any other header
@@ -268,11 +317,11 @@ def download(
     with _progress_bar(progress, dest.name) as bar:
         while True:
             try:
-                _fetch_once(clean_url, part, sent, auth, size, timeout, bar)
+                _fetch_once(clean_url, part, sent, auth, size, timeout, bar, auth_env)
             except _RetryError as exc:
                 reason = str(exc)
             except (urllib.error.URLError, HTTPException, OSError) as exc:
-                reason = redact(repr(getattr(exc, "reason", exc)))
+                reason = redact(repr(getattr(exc, "reason", exc)), auth_env)
             else:
                 ok, why = _matches(part, sha256, size)
                 if ok:
@@ -399,3 +448,94 @@ def _extract_tar(archive: Path, dest: Path) -> list[Path]:
             if not m.isdir():
                 written.append(target)
     return written
+
+
+# --------------------------------------------------------------------------- URL lists
+
+
+def read_url_list(source: Sequence[str] | str | os.PathLike[str]) -> list[tuple[str, str | None]]:
+    """``(url, sha256 or None)`` pairs from a list, one URL, or a file of ``URL [SHA256]`` lines.
+
+    Blank lines and ``#`` comments are skipped.
+    """
+    if isinstance(source, str | os.PathLike) and not str(source).startswith(("http:", "https:")):
+        path = Path(source)
+        if not path.is_file():
+            raise MediaError(path, "URL list not found")
+        lines = path.read_text(encoding="utf-8").splitlines()
+    else:
+        lines = [str(source)] if isinstance(source, str | os.PathLike) else list(source)
+    pairs = []
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if fields:
+            pairs.append((fields[0], fields[1].lower() if len(fields) > 1 else None))
+    return pairs
+
+
+def fetch_archives(
+    urls: Sequence[str] | str | os.PathLike[str],
+    archive_dir: Path,
+    extract_to: Path,
+    *,
+    retries: int = 5,
+    timeout: float = 30,
+    backoff: float = 1.0,
+    progress: bool = True,
+    auth_env: AuthEnv = DEFAULT_AUTH,
+) -> list[str]:
+    """Download the archives, join ``*_partaa``, ``*_partab``, ... pieces, extract safely.
+
+    Returns the (redacted) URLs that could not be fetched; an archive with a missing part is
+    not extracted. A finished extraction leaves ``<archive>.extracted`` so reruns skip it.
+    """
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, list[Path]] = {}
+    failed: list[str] = []
+    broken: set[str] = set()
+    for url, sha256 in read_url_list(urls):
+        name = Path(urllib.parse.urlsplit(url).path).name
+        if not name:
+            raise MediaError(redact(url, auth_env), "URL names no file")
+        match = _PART.match(name)
+        group = f"{match['stem']}.zip" if match else name
+        if (archive_dir / f"{group}.extracted").exists():
+            log.debug("%s already extracted; not fetching %s", group, name)
+            continue
+        try:
+            path = download(
+                url,
+                archive_dir / name,
+                sha256=sha256,
+                retries=retries,
+                timeout=timeout,
+                backoff=backoff,
+                progress=progress,
+                auth_env=auth_env,
+            )
+        except DownloadError as exc:
+            log.error("cannot fetch %s: %s", exc.path, exc.reason)
+            failed.append(exc.path)
+            broken.add(group)
+            continue
+        groups.setdefault(group, []).append(path)
+    for group, paths in groups.items():
+        if group in broken:
+            log.error("%s lacks parts; not extracted", group)
+            continue
+        archive = paths[0]
+        if len(paths) > 1 or _PART.match(paths[0].name):
+            archive = archive_dir / group
+            atomic_write(archive, partial(_join, sorted(paths, key=lambda p: p.name)))
+        files = safe_extract(archive, extract_to)
+        atomic_write_text(archive_dir / f"{group}.extracted", f"{len(files)}\n")
+        log.info("extracted %d files from %s", len(files), archive.name)
+    return failed
+
+
+def _join(pieces: Sequence[Path], target: Path) -> None:
+    """Concatenate ``pieces`` (in order) into ``target``."""
+    with open(target, "wb") as out:
+        for piece in pieces:
+            with open(piece, "rb") as src:
+                shutil.copyfileobj(src, out, CHUNK)

@@ -2,7 +2,8 @@
 
 Fetched file by file from the public GitHub LFS media of ``CheyneyComputerScience/CREMA-D``
 (``VideoFlash/<name>.flv`` with sound, ``AudioWAV/<name>.wav``) into the same layout under
-``out_dir``. Names follow ``ActorID_Sentence_Emotion_Level`` (``1001_DFA_ANG_XX``).
+``out_dir``, or indexed from a local copy in that layout (a ``git lfs`` clone). Names follow
+``ActorID_Sentence_Emotion_Level`` (``1001_DFA_ANG_XX``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ from typing import Literal
 
 import pandas as pd
 
-from socialmae.data.download import DownloadError, download
+from socialmae.data.download import DEFAULT_AUTH, AuthEnv, DownloadError, download, sha256_of
 from socialmae.data.errors import MediaError
 from socialmae.data.manifest import ManifestRow, read_manifest, write_manifest
-from socialmae.data.sources.splits import assign_speaker_splits, report_missing
+from socialmae.data.sources.splits import (
+    LinkMode,
+    assign_speaker_splits,
+    place_media,
+    report_missing,
+)
 from socialmae.tasks import EMOTIONS
 
 log = logging.getLogger(__name__)
@@ -112,25 +118,38 @@ def prepare_cremad(
     timeout: float = 30,
     backoff: float = 1.0,
     progress: bool = True,
+    mode: LinkMode = "symlink",
+    auth_env: AuthEnv = DEFAULT_AUTH,
 ) -> pd.DataFrame:
-    """Download CREMA-D under ``out_dir`` and write its manifest; return the manifest frame.
+    """Download (or index) CREMA-D under ``out_dir`` and write its manifest; return the frame.
 
     Args:
         names: clip names, a names file (see :func:`read_names`), or None for the official
-            ``SentenceFilenames.csv`` fetched from ``names_url``.
+            ``SentenceFilenames.csv``: fetched from ``names_url``, or for a local ``base_url``
+            read from it (else the names of the files in its first modality folder).
+        base_url: where ``VideoFlash/`` and ``AudioWAV/`` are: an http(s)/file URL (files are
+            downloaded) or a local directory (files are referenced with ``mode``, see
+            ``place_media``; nothing is fetched).
         limit: keep only the first ``limit`` names (after sorting), e.g. for a quick run.
         modalities: which files to fetch per clip; the manifest ``path`` is the first one,
             the others go to ``extra`` (``extra["audio"]`` is the WAV).
         checksums: optional SHA-256 per relative path (``AudioWAV/1001_DFA_ANG_XX.wav``).
+        auth_env: which environment variables hold credentials for the URLs.
 
-    Clips whose files the server does not have (HTTP 404 and other hard failures) are logged
-    and listed in ``frame.attrs["missing"]``; a malformed name raises MediaError.
+    Clips whose files the server (or the local copy) does not have, and Git LFS pointer files
+    in place of the media, are logged and listed in ``frame.attrs["missing"]``; a malformed
+    name raises MediaError.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not modalities or any(m not in MEDIA for m in modalities):
         raise ValueError(f"modalities: expected some of {sorted(MEDIA)}, got {modalities!r}")
-    if names is None:
+    local = Path(base_url) if "://" not in base_url else None
+    if local is not None and not local.is_dir():
+        raise MediaError(local, "CREMA-D directory not found (expected a URL or a directory)")
+    if names is None and local is not None:
+        names = _local_names(local, modalities[0])
+    elif names is None:
         names_file = download(
             names_url,
             out_dir / "SentenceFilenames.csv",
@@ -138,6 +157,7 @@ def prepare_cremad(
             timeout=timeout,
             backoff=backoff,
             progress=False,
+            auth_env=auth_env,
         )
         names = read_names(names_file)
     elif isinstance(names, str | os.PathLike):
@@ -150,12 +170,30 @@ def prepare_cremad(
     base = base_url if base_url.endswith("/") else base_url + "/"
     checksums = dict(checksums or {})
 
+    def place(source: Path, relative: str) -> str:
+        """Reference a local file from ``out_dir``; the manifest path, or why it is missing."""
+        if not source.is_file():
+            raise DownloadError(str(source), "not in the local copy")
+        with open(source, "rb") as f:
+            if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
+                raise DownloadError(str(source), "a Git LFS pointer, not the media (git lfs pull)")
+        expected = checksums.get(relative)
+        if expected is not None and sha256_of(source).lower() != expected.lower():
+            raise DownloadError(str(source), f"sha256 differs from {expected.lower()}")
+        return place_media(source, out_dir, relative, mode)
+
     def fetch(clip: CremadName) -> dict[str, str] | str:
         """Relative paths per modality, or the reason the clip is missing."""
         got = {}
         for modality in modalities:
             folder, suffix = MEDIA[modality]
             relative = f"{folder}/{clip.name}{suffix}"
+            if local is not None:
+                try:
+                    got[modality] = place(local / relative, relative)
+                except DownloadError as exc:
+                    return f"{relative}: {exc.reason}"
+                continue
             try:
                 path = download(
                     base + relative,
@@ -165,6 +203,7 @@ def prepare_cremad(
                     timeout=timeout,
                     backoff=backoff,
                     progress=False,
+                    auth_env=auth_env,
                 )
             except DownloadError as exc:
                 return f"{relative}: {exc.reason}"
@@ -203,6 +242,18 @@ def prepare_cremad(
     write_manifest(rows, out_dir)
     log.info("cremad: %d clips of %d actors in %s", len(rows), len(splits), out_dir)
     return report_missing(read_manifest(out_dir), missing, DATASET)
+
+
+def _local_names(local: Path, modality: Modality) -> list[str]:
+    """The clip names of a local copy: its ``SentenceFilenames.csv``, else its media files."""
+    listed = local / "SentenceFilenames.csv"
+    if listed.is_file():
+        return read_names(listed)
+    folder, suffix = MEDIA[modality]
+    names = sorted(p.name.removesuffix(suffix) for p in (local / folder).glob(f"*{suffix}"))
+    if not names:
+        raise MediaError(local, f"no SentenceFilenames.csv and no {folder}/*{suffix}")
+    return names
 
 
 def _run_all(

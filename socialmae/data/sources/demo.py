@@ -45,6 +45,7 @@ from scipy import ndimage, signal
 
 from socialmae.data.manifest import ManifestRow, read_manifest, write_manifest
 from socialmae.data.sources.splits import assign_speaker_splits
+from socialmae.io import atomic_write
 from socialmae.tasks import EMOTIONS
 
 log = logging.getLogger(__name__)
@@ -598,11 +599,10 @@ def write_clip(
     sample_rate: int = SAMPLE_RATE,
 ) -> Path:
     """Write RGB uint8 ``frames`` ``[T, H, W, 3]`` and mono float32 ``audio`` ``[N]`` as an
-    mp4 (H.264 yuv420p crf 23 veryfast + AAC), atomically (temporary name, then rename)."""
+    mp4 (H.264 yuv420p crf 23 veryfast + AAC), atomically (``socialmae.io.atomic_write``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.mp4")
-    try:
+
+    def encode(tmp: Path) -> None:
         with av.open(str(tmp), "w", format="mp4") as container:
             video = container.add_stream("libx264", rate=fps)
             video.width, video.height = frames.shape[2], frames.shape[1]
@@ -632,10 +632,8 @@ def write_clip(
                 frame.time_base = Fraction(1, sample_rate)
                 container.mux(sound.encode(frame))
             container.mux(sound.encode(None))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return atomic_write(path, encode)
 
 
 # --------------------------------------------------------------------------- dataset

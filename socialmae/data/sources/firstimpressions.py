@@ -3,19 +3,22 @@
 Read from a local directory of ``*.mp4`` files (any sub-folders, e.g. ``train/``, ``val/``,
 ``test/``) plus the annotation pickles ``annotation_training.pkl``,
 ``annotation_validation.pkl`` and ``annotation_test.pkl``: each a dict ``trait -> {video file
-name: score}``. The pickles are read with an unpickler that refuses every class, so only plain
-containers, strings and numbers load.
+name: score}``. The pickles are read with an unpickler that refuses every class except the few
+numpy reconstructors that numeric scores need (see :class:`_PlainUnpickler`), so only plain
+containers, strings, numbers and numpy numbers/arrays of numbers load; nothing can run code.
 """
 
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 
 from socialmae.data.errors import MediaError
@@ -43,11 +46,148 @@ IGNORED_KEYS = frozenset({"interview"})
 SplitMode = Literal["auto", "official", "speaker"]
 
 
+NUMERIC_KINDS = "fiu"  # numpy dtype kinds a score may have: float, signed, unsigned
+
+
+def _refuse(what: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(f"refusing to load {what}")
+
+
+class _DType:
+    """Stands in for ``numpy.dtype`` while unpickling: a plain numeric dtype, nothing else."""
+
+    def __init__(self, spec: object, align: object = False, copy: object = False) -> None:
+        if not isinstance(spec, str):
+            raise _refuse(f"numpy.dtype({spec!r})")
+        try:
+            self.dtype = np.dtype(spec)
+        except TypeError:
+            raise _refuse(f"numpy.dtype({spec!r})") from None
+        if self.dtype.kind not in NUMERIC_KINDS or self.dtype.fields or self.dtype.subdtype:
+            raise _refuse(f"numpy.dtype({spec!r}) (only numbers)")
+
+    def __setstate__(self, state: object) -> None:
+        """numpy's state tuple ``(version, byte order, ...)``: only the byte order is used."""
+        order = state[1] if isinstance(state, tuple) and len(state) > 1 else None
+        if order in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(order)
+
+
+def _as_bytes(data: object) -> bytes:
+    """Raw bytes of a number or array (Python 2 pickles hand them over as latin1 ``str``)."""
+    if isinstance(data, str):
+        return data.encode("latin1")
+    if isinstance(data, bytes | bytearray):
+        return bytes(data)
+    raise _refuse(f"numpy data of type {type(data).__name__}")
+
+
+def _dtype_of(value: object) -> np.dtype:
+    if not isinstance(value, _DType):
+        raise _refuse(f"numpy data with dtype {value!r}")
+    return value.dtype
+
+
+def _scalar(dtype: object, data: object) -> Any:
+    """``numpy.core.multiarray.scalar``: one number from its raw bytes."""
+    return np.frombuffer(_as_bytes(data), dtype=_dtype_of(dtype), count=1)[0]
+
+
+def _shape(shape: object) -> tuple[int, ...]:
+    if not isinstance(shape, tuple) or not all(type(n) is int and n >= 0 for n in shape):
+        raise _refuse(f"numpy array shape {shape!r}")
+    return shape
+
+
+class _NDArrayType:
+    """Stands in for the ``numpy.ndarray`` class (only as ``_reconstruct``'s argument)."""
+
+
+class _ArrayState:
+    """What ``_reconstruct`` returns; numpy's ``__setstate__`` tuple fills in the array."""
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: object) -> None:
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise _refuse("numpy array state")
+        _, shape, dtype, fortran, raw = state
+        flat = np.frombuffer(_as_bytes(raw), dtype=_dtype_of(dtype))
+        self.array = flat.reshape(_shape(shape), order="F" if fortran else "C")
+
+
+def _reconstruct(cls: object, shape: object, typecode: object) -> _ArrayState:
+    """``numpy.core.multiarray._reconstruct`` for a plain ndarray (pickle protocols 0-4)."""
+    if not isinstance(cls, _NDArrayType):
+        raise _refuse(f"numpy _reconstruct of {cls!r}")
+    return _ArrayState()
+
+
+def _frombuffer(buffer: object, dtype: object, shape: object, order: object) -> np.ndarray:
+    """``numpy.core.numeric._frombuffer`` (pickle protocol 5, in-band buffers)."""
+    if order not in ("C", "F"):
+        raise _refuse(f"numpy array order {order!r}")
+    flat = np.frombuffer(_as_bytes(buffer), dtype=_dtype_of(dtype))
+    return flat.reshape(_shape(shape), order=order)
+
+
+def _latin1(text: object, encoding: object = "utf-8") -> bytes:
+    """``_codecs.encode``, which Python 3 protocol-2 pickles use for bytes: latin1 only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _refuse(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+_NDARRAY = _NDArrayType()
+# (module, name) -> what it loads as. numpy >= 2 writes numpy._core.*, older numpy numpy.core.*.
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy", "dtype"): _DType,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("_codecs", "encode"): _latin1,
+}
+for _core in ("numpy.core", "numpy._core"):
+    _ALLOWED[(f"{_core}.multiarray", "scalar")] = _scalar
+    _ALLOWED[(f"{_core}.multiarray", "_reconstruct")] = _reconstruct
+    _ALLOWED[(f"{_core}.numeric", "_frombuffer")] = _frombuffer
+
+
 class _PlainUnpickler(pickle.Unpickler):
-    """Loads only built-in containers and scalars: every class lookup is refused."""
+    """Loads built-in containers and scalars plus numpy numbers and arrays of numbers.
+
+    Every class lookup is refused except numpy's scalar/array reconstructors, which resolve to
+    local stand-ins that only turn raw bytes of a numeric dtype into numbers (no numpy code
+    that could build objects is reached); ``_codecs.encode`` is allowed for latin1 only.
+    """
 
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise _refuse(f"{module}.{name}") from None
+
+
+def _resolve(value: Any) -> Any:
+    """Replace the unpickler's stand-ins by what they stand for."""
+    if isinstance(value, _ArrayState):
+        if value.array is None:
+            raise pickle.UnpicklingError("numpy array without its state")
+        return value.array
+    if isinstance(value, _DType):
+        return value.dtype
+    if isinstance(value, dict):
+        return {_resolve(k): _resolve(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_resolve(v) for v in value)
+    return value
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float when it is one real number (numpy scalars, 1-element arrays)."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
 
 
 def speaker_of(file_name: str) -> str:
@@ -66,8 +206,15 @@ def load_annotations(path: str | os.PathLike[str]) -> dict[str, list[float]]:
         raise MediaError(path, "annotation file not found")
     try:
         with open(path, "rb") as f:
-            data = _PlainUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as exc:
+            data = _resolve(_PlainUnpickler(f, encoding="latin1").load())
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        RecursionError,
+    ) as exc:
         raise MediaError(path, f"not a plain annotation pickle: {exc}") from None
     if not isinstance(data, dict):
         raise MediaError(path, f"expected a dict of traits, got {type(data).__name__}")
@@ -90,12 +237,13 @@ def load_annotations(path: str | os.PathLike[str]) -> dict[str, list[float]]:
             raise MediaError(path, f"video name {video!r} is not a string")
         targets = []
         for trait in TRAITS:
-            value = data[trait][video]
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise MediaError(path, f"{video}: {trait} score {value!r} is not a number")
-            if not 0.0 <= float(value) <= 1.0:
+            value = _number(data[trait][video])
+            if value is None:
+                shown = data[trait][video]
+                raise MediaError(path, f"{video}: {trait} score {shown!r} is not a number")
+            if not 0.0 <= value <= 1.0:
                 raise MediaError(path, f"{video}: {trait} score {value} outside [0, 1]")
-            targets.append(float(value))
+            targets.append(value)
         result[video] = targets
     return result
 

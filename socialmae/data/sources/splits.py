@@ -15,6 +15,7 @@ import pandas as pd
 
 from socialmae.data.errors import MediaError
 from socialmae.data.manifest import SPLITS
+from socialmae.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,9 @@ LinkMode = Literal["symlink", "copy", "relative"]
 _FILL_ORDER = ("train", "test", "val")
 
 
-def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """``(train, val, test)`` shares as floats; ValueError unless 3 values >= 0 (train > 0)
+    that sum to 1."""
     if len(fractions) != 3:
         raise ValueError(f"fractions: expected 3 values (train, val, test), got {fractions!r}")
     values = tuple(float(f) for f in fractions)
@@ -40,7 +43,7 @@ def split_counts(n: int, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[s
     A split with fraction 0 stays empty; with fewer speakers than non-empty splits they fill
     train, then test, then val.
     """
-    values = _check_fractions(fractions)
+    values = check_fractions(fractions)
     wanted = [s for s, f in zip(SPLITS, values, strict=True) if f > 0]
     if n < len(wanted):
         order = [s for s in _FILL_ORDER if s in wanted]
@@ -105,9 +108,7 @@ def place_media(source: Path, out_dir: Path, relative: str, mode: LinkMode = "sy
         os.symlink(source, target)
     elif mode == "copy":
         if not (target.is_file() and target.stat().st_size == source.stat().st_size):
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.copyfile(source, tmp)
-            tmp.replace(target)
+            atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
     else:
         raise ValueError(f"mode: expected symlink, copy or relative, got {mode!r}")
     return Path(relative).as_posix()
