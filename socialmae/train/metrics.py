@@ -315,8 +315,8 @@ def evaluate(task: TaskSpec, targets: Array, outputs: Array) -> dict[str, float 
         absent = [name for name, n in zip(task.labels, matrix.sum(axis=1), strict=True) if n == 0]
         if absent:
             logger.warning(
-                "task %s: classes %s have no test clips; their F1 counts as %s in f1_macro "
-                "and they are left out of balanced_accuracy",
+                "task %s: classes %s have no clips in this evaluation set; their F1 counts "
+                "as %s in f1_macro and they are left out of balanced_accuracy",
                 task.name,
                 absent,
                 [scalars[f"f1/{name}"] for name in absent],
