@@ -3,6 +3,7 @@ regression, and the significance test against a baseline run."""
 
 import csv
 import json
+import os
 import shutil
 
 import mlflow
@@ -27,12 +28,16 @@ def pretrained(tmp_path_factory):
     return path
 
 
+@pytest.fixture(autouse=True)
+def _tracking(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
 def _params(tmp_path, init, **changes) -> FinetuneParams:
     values = {
         "init": str(init), "epochs": 4, "batch": 2, "workers": 0,
         "optim": {"lr": 1e-3, "schedule": "constant"}, "head_lr": 3e-3,
-        "bootstrap_resamples": 200, "permutations": 200,
-        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **changes,
+        "bootstrap_resamples": 200, "permutations": 200, **changes,
     }  # fmt: skip
     return from_mapping(FinetuneParams, values, "finetune")
 
@@ -68,7 +73,7 @@ def test_finetune_selects_on_val_and_scores_test(demo_shards, pretrained, tmp_pa
     model = SocialMAEClassifier.from_pretrained(out / "model")
     assert model.labels is not None and model.labels[0] == "anger"
 
-    mlflow.set_tracking_uri(params.tracking_uri)
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["socialmae-demo"])
     assert len(runs) == 1
     assert runs.loc[0, "metrics.test_f1_macro"] == pytest.approx(test["f1_macro"])

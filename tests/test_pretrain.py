@@ -27,12 +27,17 @@ TINY = {
     "workers": 0,
     "optim": {"lr": 1e-3, "schedule": "constant"},
     "log_every": 1,
-    "tracking_uri": None,
 }
 
 
+@pytest.fixture(autouse=True)
+def _tracking(tmp_path, monkeypatch):
+    """Runs (and subprocesses) log to a fresh sqlite store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
 def _params(tmp_path: Path, **changes) -> tuple[PretrainParams, Path]:
-    values = {**TINY, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **changes}
+    values = {**TINY, **changes}
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"pretrain": values}))
@@ -64,7 +69,7 @@ def test_pretraining_lowers_the_reconstruction_loss(demo_shards, tmp_path):
 
     import mlflow
 
-    mlflow.set_tracking_uri(params.tracking_uri)
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["socialmae-pretrain"])
     assert len(runs) == 1 and runs.loc[0, "params.preset"] == "tiny"
     client = mlflow.MlflowClient()

@@ -57,6 +57,13 @@ from socialmae.train.engine import (
 logger = logging.getLogger(__name__)
 
 Report = Callable[[int, float], None]
+
+
+def experiment_name(task: str) -> str:
+    """The MLflow experiment of a task's fine-tuning, tuning and registration runs."""
+    return f"socialmae-{task}"
+
+
 PREDICTIONS = "predictions.parquet"
 
 
@@ -84,8 +91,6 @@ class FinetuneParams:
     device: str = "auto"
     workers: int = 2
     seed: int = 0
-    experiment: str | None = None  # null: socialmae-<task>
-    tracking_uri: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch"):
@@ -261,18 +266,20 @@ def finetune(
     out: str | os.PathLike[str],
     accepted: set[str] | None = None,
     report: Report | None = None,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on ``task``'s train split, select on val, score on test; write into ``out``:
 
     ``model/`` (best epoch), ``metrics.json`` (val and test, CIs, significance), ``history.csv``
     (per epoch), ``predictions.parquet`` (test), ``confusion_matrix.png`` (classification),
     and ``checkpoints/`` (per-epoch resumable state). ``report(epoch, value)`` receives each
-    epoch's validation primary metric (Optuna pruning raises from inside it).
+    epoch's validation primary metric (Optuna pruning raises from inside it). The run is logged
+    to the MLflow experiment ``socialmae-<task>`` at ``tracking_uri``.
     """
     spec = task if isinstance(task, TaskSpec) else get_task(task)
     ctx = distributed.setup(params.device)
     try:
-        return _finetune(params, spec, Path(shards), Path(out), accepted, report, ctx)
+        return _finetune(params, spec, Path(shards), Path(out), accepted, report, tracking_uri, ctx)
     finally:
         distributed.teardown()
 
@@ -284,6 +291,7 @@ def _finetune(
     out: Path,
     accepted: set[str] | None,
     report: Report | None,
+    tracking_uri: str | None,
     ctx: distributed.DistributedContext,
 ) -> dict[str, Any]:
     torch.manual_seed(params.seed)
@@ -340,10 +348,10 @@ def _finetune(
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=device_ids)
     primary = metrics.primary_metric(task)
-    experiment = params.experiment or f"socialmae-{task.name}"
+    experiment = experiment_name(task.name)
     tracker = Tracker(enabled=ctx.is_main)
     tags = {"stage": "finetune", "task": task.name, "mode": params.mode}
-    with tracker.run(experiment, f"finetune-{task.name}-{params.mode}", params.tracking_uri, tags):
+    with tracker.run(experiment, f"finetune-{task.name}-{params.mode}", tracking_uri, tags):
         tracker.log_params({**asdict(params), "task": task.name, "world_size": ctx.world_size,
                             "clips_train": len(train_set), "clips_val": len(val_set),
                             "clips_test": len(test_set)})  # fmt: skip

@@ -50,6 +50,7 @@ from socialmae.train.engine import (
 
 logger = logging.getLogger(__name__)
 
+EXPERIMENT = "socialmae-pretrain"
 LOSS_KEYS = ("loss", "loss_mae_audio", "loss_mae_video", "loss_contrastive", "contrastive_accuracy")
 
 
@@ -78,8 +79,6 @@ class PretrainParams:
     keep_checkpoints: int = 2
     log_every: int = 10  # optimizer steps
     seed: int = 0
-    experiment: str = "socialmae-pretrain"
-    tracking_uri: str | None = None  # null: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch", "accumulation", "checkpoint_every", "log_every"):
@@ -112,8 +111,8 @@ class _Interval:
 def _resume_fingerprint(params: PretrainParams, dataset_size: int, world_size: int) -> str:
     """Everything that changes the trajectory (not logging or checkpoint cadence)."""
     values = asdict(params)
-    for key in ("checkpoint_every", "keep_checkpoints", "log_every", "experiment",
-                "tracking_uri", "workers", "max_steps", "device"):  # fmt: skip
+    for key in ("checkpoint_every", "keep_checkpoints", "log_every", "workers", "max_steps",
+                "device"):  # fmt: skip
         values.pop(key)
     return fingerprint({**values, "clips": dataset_size, "world_size": world_size})
 
@@ -133,17 +132,19 @@ def pretrain(
     shards: str | os.PathLike[str],
     out: str | os.PathLike[str],
     accepted: set[str] | None = None,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Pretrain on the clips of ``shards`` (``crop_faces`` output); write into ``out``:
 
     ``model/`` (safetensors + config), ``metrics.json``, ``history.csv`` (per log step, for DVC
     plots), ``reconstruction.png`` (Fig. 2), and ``checkpoints/`` (resumable state). Returns
-    the metrics. ``accepted`` restricts the clips (the validation stage's accepted ids).
+    the metrics. ``accepted`` restricts the clips (the validation stage's accepted ids);
+    runs are logged to ``tracking_uri`` (see :func:`socialmae.tracking.resolve_tracking_uri`).
     """
     out = Path(out)
     ctx = distributed.setup(params.device)
     try:
-        return _pretrain(params, Path(shards), out, accepted, ctx)
+        return _pretrain(params, Path(shards), out, accepted, tracking_uri, ctx)
     finally:
         distributed.teardown()
 
@@ -153,6 +154,7 @@ def _pretrain(
     shards: Path,
     out: Path,
     accepted: set[str] | None,
+    tracking_uri: str | None,
     ctx: distributed.DistributedContext,
 ) -> dict[str, Any]:
     torch.manual_seed(params.seed)
@@ -209,7 +211,7 @@ def _pretrain(
 
     tracker = Tracker(enabled=ctx.is_main)
     run_name = f"pretrain-{params.preset}"
-    with tracker.run(params.experiment, run_name, params.tracking_uri, {"stage": "pretrain"}):
+    with tracker.run(EXPERIMENT, run_name, tracking_uri, {"stage": "pretrain"}):
         tracker.log_params({**asdict(params), "init_report": init_report,
                             "world_size": ctx.world_size, "clips": len(dataset)})  # fmt: skip
         logger.info(
