@@ -11,7 +11,7 @@ import typer
 
 from socialmae.checkpoints import CheckpointError, load_checkpoint
 from socialmae.data.errors import MediaError
-from socialmae.model import PRESETS, SocialMAEClassifier
+from socialmae.model import SocialMAEClassifier
 
 app = typer.Typer(
     help="Social-MAE: audiovisual masked autoencoder for face and voice.",
@@ -34,33 +34,23 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-@app.command()
-def demo(
-    out: Annotated[Path, typer.Option(help="output directory")] = Path("outputs/smoke"),
-    preset: Annotated[str, typer.Option(help=f"one of {sorted(PRESETS)}")] = "tiny",
-    steps: Annotated[int, typer.Option(min=1)] = 60,
-    batch: Annotated[int, typer.Option(min=2)] = 8,
-    seed: int = 0,
-) -> None:
-    """Pretrain a small Social-MAE on generated clips on the CPU; write model, metrics, figure."""
-    from socialmae.smoke import pretrain_smoke
-
-    if preset not in PRESETS:
-        _fail(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    result = pretrain_smoke(out, preset=preset, steps=steps, batch=batch, seed=seed)
-    typer.echo(json.dumps(vars(result), indent=2))
-    typer.echo(f"model, metrics.json and reconstruction.png written to {out}")
-
-
 def _stage(run, *args) -> None:
     from socialmae.params import ParamsError
 
     try:
         metrics = run(*args)
-    except (ParamsError, MediaError) as exc:
+    except (ParamsError, MediaError, FileNotFoundError) as exc:
         _fail(str(exc))
         return
     typer.echo(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+
+
+def _task(name: str) -> str:
+    from socialmae.tasks import TASKS
+
+    if name not in TASKS:
+        _fail(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return name
 
 
 @app.command()
@@ -89,6 +79,41 @@ def validate(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> N
         _stage(stage_validate, params)
     except ValidationFailed as exc:
         _fail(str(exc))
+
+
+@app.command()
+def pretrain(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
+    """Stage ``pretrain``: masked reconstruction + contrastive pretraining -> outputs/pretrain/.
+
+    Multi-GPU: ``torchrun --nproc_per_node N -m socialmae.cli pretrain`` (same outputs).
+    """
+    from socialmae.train.stages import stage_pretrain
+
+    _stage(stage_pretrain, params)
+
+
+@app.command()
+def tune(task: str, params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
+    """Stage ``tune@TASK``: Optuna search over fine-tuning params -> outputs/tune/TASK/."""
+    from socialmae.train.stages import stage_tune
+
+    _stage(stage_tune, params, _task(task))
+
+
+@app.command()
+def finetune(task: str, params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
+    """Stage ``finetune@TASK``: fine-tune, select on val, score test -> outputs/finetune/TASK/."""
+    from socialmae.train.stages import stage_finetune
+
+    _stage(stage_finetune, params, _task(task))
+
+
+@app.command()
+def register(task: str, params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
+    """Stage ``register@TASK``: log to MLflow as socialmae-TASK, promote through the gate."""
+    from socialmae.train.stages import stage_register
+
+    _stage(stage_register, params, _task(task))
 
 
 @app.command()

@@ -301,7 +301,8 @@ class Checkpointer:
         return path
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint with a matching fingerprint, or None."""
+        """The newest complete checkpoint, or None; checkpoints written with other settings are
+        removed (they would otherwise outrank the new run's by step number)."""
         steps = self._steps()
         if not steps:
             return None
@@ -309,8 +310,11 @@ class Checkpointer:
         meta = json.loads((newest / TRAINER_STATE).read_text())
         if meta.get("fingerprint") != self.fingerprint:
             logger.warning(
-                "%s was written with other settings; starting from scratch instead", newest
+                "%s was written with other settings: removing it and starting from scratch",
+                newest,
             )
+            for stale in steps:
+                shutil.rmtree(stale, ignore_errors=True)
             return None
         return newest
 

@@ -267,6 +267,7 @@ def finetune(
     accepted: set[str] | None = None,
     report: Report | None = None,
     tracking_uri: str | None = None,
+    evaluate_test: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune on ``task``'s train split, select on val, score on test; write into ``out``:
 
@@ -274,12 +275,23 @@ def finetune(
     (per epoch), ``predictions.parquet`` (test), ``confusion_matrix.png`` (classification),
     and ``checkpoints/`` (per-epoch resumable state). ``report(epoch, value)`` receives each
     epoch's validation primary metric (Optuna pruning raises from inside it). The run is logged
-    to the MLflow experiment ``socialmae-<task>`` at ``tracking_uri``.
+    to the MLflow experiment ``socialmae-<task>`` at ``tracking_uri``. Tuning trials pass
+    ``evaluate_test=False``: they never see the test split.
     """
     spec = task if isinstance(task, TaskSpec) else get_task(task)
     ctx = distributed.setup(params.device)
     try:
-        return _finetune(params, spec, Path(shards), Path(out), accepted, report, tracking_uri, ctx)
+        return _finetune(
+            params,
+            spec,
+            Path(shards),
+            Path(out),
+            accepted,
+            report,
+            tracking_uri,
+            evaluate_test,
+            ctx,
+        )
     finally:
         distributed.teardown()
 
@@ -292,6 +304,7 @@ def _finetune(
     accepted: set[str] | None,
     report: Report | None,
     tracking_uri: str | None,
+    evaluate_test: bool,
     ctx: distributed.DistributedContext,
 ) -> dict[str, Any]:
     torch.manual_seed(params.seed)
@@ -429,6 +442,7 @@ def _finetune(
                 model, val_set, params.mode, params.batch, ctx.device, dtype
             )
             result["val"] = metrics.scalar_metrics(metrics.evaluate(task, targets, outputs))
+        if ctx.is_main and evaluate_test:
             ids, targets, outputs = predict_dataset(
                 model, test_set, params.mode, params.batch, ctx.device, dtype
             )
@@ -437,6 +451,7 @@ def _finetune(
             result["test_set"] = fingerprint(sorted(ids))
             tracker.log_metrics({f"test_{k}": v for k, v in result["test"].items()
                                  if isinstance(v, float)})  # fmt: skip
+        if ctx.is_main:
             for name in ("history.csv", PREDICTIONS, "confusion_matrix.png"):
                 tracker.log_artifact(out / name)
             atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,240 @@
+"""Training stage entry points (``pretrain``, ``tune@task``, ``finetune@task``), shared by the
+CLI (and so dvc.yaml) and the Prefect flows. Each reads exactly its params.yaml keys, calls
+the library and returns its metrics; outputs are written atomically by the library.
+
+Per-task settings are ``<section>.defaults`` deep-merged with ``<section>.<task>``; the tuned
+values in ``outputs/tune/<task>/best_params.json`` go on top for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from socialmae.io import atomic_write_text
+from socialmae.params import ParamsError, from_mapping, load_yaml
+from socialmae.pipeline import FACES, VALIDATION
+from socialmae.tasks import TASKS, get_task
+from socialmae.train.finetune import FinetuneParams, experiment_name, finetune, with_overrides
+from socialmae.train.pretrain import PretrainParams, pretrain
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = Path("outputs")
+PRETRAIN = OUTPUTS / "pretrain"
+TUNE = OUTPUTS / "tune"
+FINETUNE = OUTPUTS / "finetune"
+BEST_PARAMS = "best_params.json"
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    """``mlflow`` in params.yaml."""
+
+    tracking_uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+
+
+def tracking_uri(params: dict[str, Any]) -> str | None:
+    return from_mapping(MlflowParams, params.get("mlflow"), "mlflow").tracking_uri
+
+
+def accepted_clips(validation: Path = VALIDATION) -> set[str]:
+    """Clip ids the validation stage accepted (``accepted.csv``)."""
+    path = validation / "accepted.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run the validate stage first")
+    return set(pd.read_csv(path, dtype=str)["clip_id"])
+
+
+def merged_section(params: dict[str, Any], section: str, task: str) -> dict[str, Any]:
+    """``<section>.defaults`` deep-merged with ``<section>.<task>``."""
+    if task not in TASKS:
+        raise ParamsError(f"{section}.{task}", f"unknown task; choose one of {sorted(TASKS)}")
+    block = params.get(section) or {}
+    if not isinstance(block, dict):
+        raise ParamsError(section, f"expected a mapping, got {block!r}")
+    unknown = sorted(set(block) - {"defaults", *TASKS})
+    if unknown:
+        raise ParamsError(f"{section}.{unknown[0]}", f"expected defaults or a task {sorted(TASKS)}")
+    return _deep_merge(block.get("defaults") or {}, block.get(task) or {})
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def finetune_params(params: dict[str, Any], task: str, tuned: Path | None) -> FinetuneParams:
+    """The task's fine-tuning params, with the tuned values from ``tuned`` (if it exists)."""
+    section = merged_section(params, "finetune", task)
+    base = from_mapping(FinetuneParams, section, f"finetune.{task}")
+    if tuned is None or not tuned.is_file():
+        return base
+    best = json.loads(tuned.read_text()).get("params", {})
+    logger.info("%s: tuned values from %s: %s", task, tuned, best)
+    return with_overrides(base, best)
+
+
+def stage_pretrain(
+    params_path: str | os.PathLike[str],
+    shards: Path = FACES,
+    validation: Path = VALIDATION,
+    out: Path = PRETRAIN,
+) -> dict[str, Any]:
+    """Self-supervised pretraining on the accepted clips (``pretrain`` in params.yaml)."""
+    params = load_yaml(params_path)
+    settings = from_mapping(PretrainParams, params.get("pretrain"), "pretrain")
+    return pretrain(settings, shards, out, accepted_clips(validation), tracking_uri(params))
+
+
+def stage_finetune(
+    params_path: str | os.PathLike[str],
+    task: str,
+    shards: Path = FACES,
+    validation: Path = VALIDATION,
+    out: Path | None = None,
+    tuned: Path | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``task`` (``finetune.defaults`` + ``finetune.<task>`` + tuned values)."""
+    get_task(task)
+    params = load_yaml(params_path)
+    tuned = tuned if tuned is not None else TUNE / task / BEST_PARAMS
+    settings = finetune_params(params, task, tuned)
+    out = out if out is not None else FINETUNE / task
+    return finetune(
+        settings, task, shards, out, accepted_clips(validation),
+        tracking_uri=tracking_uri(params),
+    )  # fmt: skip
+
+
+def stage_tune(
+    params_path: str | os.PathLike[str],
+    task: str,
+    shards: Path = FACES,
+    validation: Path = VALIDATION,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """Optuna search over ``tune.<task>.space`` (merged with ``tune.defaults``); each trial is a
+    fine-tuning run scored on the validation split (never on test). Writes
+    ``best_params.json`` (read by ``finetune@task``) and ``trials.csv`` into ``out``."""
+    import shutil
+    import tempfile
+
+    from socialmae.train.metrics import primary_metric
+    from socialmae.train.tune import parse_tune, run_study
+
+    spec = get_task(task)
+    params = load_yaml(params_path)
+    section = merged_section(params, "tune", task)
+    enabled = section.pop("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ParamsError(f"tune.{task}.enabled", f"expected true or false, got {enabled!r}")
+    settings, space = parse_tune(section, f"tune.{task}")
+    base = finetune_params(params, task, tuned=None)
+    out = out if out is not None else TUNE / task
+    if not enabled:  # finetune@task then uses its params as they are
+        payload = {"params": {}, "skipped": "tune.enabled is false"}
+        atomic_write_text(out / BEST_PARAMS, json.dumps(payload, indent=2) + "\n")
+        return payload
+    accepted = accepted_clips(validation)
+    uri = tracking_uri(params)
+    metric = primary_metric(spec)
+
+    def objective(overrides: dict[str, Any], report) -> float:
+        trial = with_overrides(base, overrides)
+        workdir = Path(tempfile.mkdtemp(prefix="trial-", dir=out))
+        try:
+            result = finetune(
+                trial, spec, shards, workdir, accepted, report=report, tracking_uri=uri,
+                evaluate_test=False,
+            )  # fmt: skip
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return float(result["val"][metric])
+
+    out.mkdir(parents=True, exist_ok=True)
+    result = run_study(
+        objective, space, settings, settings.study_for(task), out,
+        metric=f"val_{metric}", tracking_uri=uri, experiment=experiment_name(task),
+    )  # fmt: skip
+    return {
+        "study": result.study_name, "best_value": result.best_value,
+        "best_params": result.best_params, "best_trial": result.best_trial,
+        "trials": result.n_trials,
+    }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RegisterParams:
+    """``register`` in params.yaml: the promotion gate."""
+
+    margin: float = 0.0  # the challenger must beat the champion's test metric by more than this
+    device: str = "cpu"  # where a champion is re-scored when the test set changed
+
+    def __post_init__(self) -> None:
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+
+
+def stage_register(
+    params_path: str | os.PathLike[str],
+    task: str,
+    finetuned: Path | None = None,
+    shards: Path = FACES,
+    validation: Path = VALIDATION,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """Log ``finetune@task``'s model to MLflow as ``socialmae-<task>`` (alias ``challenger``)
+    and move ``champion`` only through the gate; the decision goes to ``decision.json``."""
+    from socialmae.data.crop import CropParams
+    from socialmae.data.dataset import ShardDataset
+    from socialmae.registry import load_registered, log_model, promote
+    from socialmae.train import metrics
+    from socialmae.train.finetune import predict_dataset
+
+    spec = get_task(task)
+    params = load_yaml(params_path)
+    settings = from_mapping(RegisterParams, params.get("register"), "register")
+    crop = from_mapping(CropParams, params.get("crop"), "crop")
+    tuned = finetune_params(params, task, TUNE / task / BEST_PARAMS)
+    finetuned = finetuned if finetuned is not None else FINETUNE / task
+    out = out if out is not None else OUTPUTS / "register" / task
+    result_path = finetuned / "metrics.json"
+    if not result_path.is_file():
+        raise FileNotFoundError(f"{result_path}: run finetune@{task} first")
+    result = json.loads(result_path.read_text())
+    metric = result["primary_metric"]
+    value, test_set = float(result["test"][metric]), result["test_set"]
+    uri = tracking_uri(params)
+
+    def evaluate_champion(model_uri: str) -> float:
+        """The champion's metric on today's test clips (the gate compares like with like)."""
+        predictor = load_registered(model_uri, tracking_uri=uri, device=settings.device)
+        model, device = predictor.model, predictor.device
+        accepted = accepted_clips(validation)
+        test = ShardDataset(shards, model.config, split="test", task=spec,
+                            sampling=tuned.sampling, accepted=accepted)  # fmt: skip
+        _, targets, outputs = predict_dataset(model, test, tuned.mode, tuned.batch, device)
+        return float(metrics.scalar_metrics(metrics.evaluate(spec, targets, outputs))[metric])
+
+    version = log_model(
+        finetuned / "model", task, metric, value, test_set, tracking_uri=uri,
+        experiment=experiment_name(task), crop=crop, sampling=tuned.sampling,
+    )  # fmt: skip
+    decision = promote(
+        task, version.version, metric, value, test_set, settings.margin,
+        evaluate_champion=evaluate_champion, tracking_uri=uri,
+    )  # fmt: skip
+    decision.write(out / "decision.json")
+    return decision.to_dict()
