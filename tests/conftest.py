@@ -62,3 +62,57 @@ def demo_shards(tmp_path_factory) -> Path:
     prepare_demo(root / "raw", clips_per_label=2, identities=4, seconds=2.0, seed=0)
     crop_faces(read_manifest(root / "raw"), root / "faces", CropParams(workers=1))
     return root / "faces"
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The demo pipeline made smaller for the test suite (same stages, same code, fewer clips/steps).
+SMALL_PIPELINE = {
+    "download": {"demo": {"clips_per_label": 4, "seconds": 2.0}},
+    "crop": {"workers": 1},
+    "pretrain": {"epochs": 3, "batch": 4, "workers": 0, "checkpoint_every": 3},
+    "finetune": {
+        "defaults": {"epochs": 3, "workers": 0, "bootstrap_resamples": 200, "permutations": 500}
+    },
+    "tune": {"defaults": {"trials": 2, "random_trials": 2, "heartbeat_s": None}},
+}
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
+def cli_env(root: Path) -> dict[str, str]:
+    """Environment for running `socialmae`/`dvc` in ``root``: this venv first on PATH, MLflow in
+    ``root``."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+    }
+
+
+@pytest.fixture(scope="session")
+def demo_pipeline(tmp_path_factory) -> Path:
+    """The whole `dvc repro` pipeline run once, in a copy of the project with SMALL_PIPELINE
+    params, without git; returns the project root holding data/, outputs/ and mlflow.db."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(REPO / "socialmae", root / "socialmae",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, SMALL_PIPELINE)))
+    env = cli_env(root)
+    for command in (["dvc", "init", "--no-scm", "-q"],
+                    ["dvc", "config", "core.analytics", "false"], ["dvc", "repro"]):  # fmt: skip
+        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"{command}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return root

@@ -1,0 +1,65 @@
+"""`dvc repro` end to end (small demo params): every stage runs, the model is registered and
+the gate set `champion`, a second repro does nothing, and data/models go through a DVC remote."""
+
+import json
+import shutil
+import subprocess
+
+import mlflow
+import pytest
+from conftest import cli_env
+
+pytestmark = pytest.mark.integration
+
+
+def _run(root, *command):
+    done = subprocess.run(command, cwd=root, env=cli_env(root), capture_output=True, text=True)
+    assert done.returncode == 0, f"{command}: {done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    return done.stdout
+
+
+def test_repro_runs_every_stage_and_promotes_through_the_gate(demo_pipeline):
+    root = demo_pipeline
+    assert json.loads((root / "data/raw/demo/download_metrics.json").read_text())["clips"] == 24
+    assert json.loads((root / "data/processed/validation/metrics.json").read_text())["success"]
+    assert json.loads((root / "outputs/pretrain/metrics.json").read_text())["steps"] == 9
+    best = json.loads((root / "outputs/tune/demo/best_params.json").read_text())
+    assert set(best["params"]) == {"optim.lr", "head_lr"} and best["n_trials"]["complete"] >= 1
+    result = json.loads((root / "outputs/finetune/demo/metrics.json").read_text())
+    assert result["primary_metric"] == "f1_macro" and "f1_macro_ci95" in result["test"]
+    decision = json.loads((root / "outputs/register/demo/decision.json").read_text())
+    assert decision["promoted"] and decision["champion"] == decision["version"] == 1
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("socialmae-demo", "champion")
+    assert int(champion.version) == 1 and champion.tags["test_fingerprint"] == result["test_set"]
+
+    again = _run(root, "dvc", "repro")
+    assert "Running stage" not in again and "up to date" in again, again
+    status = _run(root, "dvc", "status")
+    assert "up to date" in status, status
+
+
+def test_a_second_registration_goes_through_the_gate(demo_pipeline):
+    """The same model again does not beat the champion by the margin: challenger only."""
+    root = demo_pipeline
+    out = _run(root, "socialmae", "register", "demo")
+    decision = json.loads(out[out.index("{") :])
+    assert decision["version"] == 2 and not decision["promoted"] and decision["champion"] == 1
+    assert "margin" in decision["reason"]
+
+
+def test_push_and_pull_through_a_local_remote(demo_pipeline, tmp_path):
+    root = demo_pipeline
+    _run(root, "dvc", "remote", "add", "-f", "-d", "local", str(tmp_path / "remote"))
+    _run(root, "dvc", "push")
+    model = root / "outputs/finetune/demo/model/model.safetensors"
+    before = model.read_bytes()
+    shutil.rmtree(root / "outputs/finetune/demo/model")
+    shutil.rmtree(root / "data/interim/faces")
+    shutil.rmtree(root / ".dvc/cache")
+    _run(root, "dvc", "pull")
+    assert model.read_bytes() == before
+    assert (root / "data/interim/faces/clips.parquet").is_file()
+    status = _run(root, "dvc", "status")  # (decision.json changed in the test above)
+    assert "data/interim" not in status and "outputs/finetune" not in status, status
