@@ -42,6 +42,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pretrain_step.py
+	$(BIN)/python benchmarks/train_loop.py
 
 # Re-resolve the lock file after editing pyproject.toml (needs the package registry).
 lock: $(STAMP)
