@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _umask() -> int:
@@ -35,6 +38,15 @@ def atomic_write(target: str | os.PathLike[str], write: Callable[[Path], None]) 
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``target`` atomically."""
     return atomic_write(target, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_csv(target: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write ``rows`` (dicts with the same keys, in column order) as CSV atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(target, buffer.getvalue())
 
 
 def atomic_directory(target: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:

@@ -116,3 +116,16 @@ def demo_pipeline(tmp_path_factory) -> Path:
         done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
         assert done.returncode == 0, f"{command}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return root
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory) -> Path:
+    """A tiny 6-emotion classifier (seeded random weights) saved with save_pretrained."""
+    from socialmae.model import SocialMAEClassifier
+    from socialmae.tasks import EMOTIONS
+
+    torch.manual_seed(0)
+    model = SocialMAEClassifier.from_preset("tiny", num_outputs=6, labels=EMOTIONS)
+    directory = tmp_path_factory.mktemp("models") / "emotion-classifier"
+    model.save_pretrained(directory)
+    return directory

@@ -38,15 +38,6 @@ def media(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = SocialMAEClassifier.from_preset("tiny", num_outputs=6, labels=EMOTIONS)
-    directory = tmp_path_factory.mktemp("models") / "classifier"
-    model.save_pretrained(directory)
-    return directory
-
-
 def _reference(predictor: Predictor, path: Path, mode: str = "multimodal") -> torch.Tensor:
     """What the model outputs for one clip, computed by hand: ``[K]``."""
     pre = predictor.preprocessing

@@ -19,14 +19,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-import torch
 from media import write_clip
 from mlflow.tracking import MlflowClient
 
 from socialmae import registry
 from socialmae.data.dataset import ClipSampling
 from socialmae.inference import Predictor
-from socialmae.model import SocialMAEClassifier
 from socialmae.tasks import EMOTIONS
 from socialmae.tracking import DEFAULT_TRACKING_URI
 from socialmae.train.engine import fingerprint
@@ -144,15 +142,6 @@ def tracking_uri(request, sqlite_root, monkeypatch) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = SocialMAEClassifier.from_preset("tiny", num_outputs=6, labels=EMOTIONS)
-    directory = tmp_path_factory.mktemp("model") / "classifier"
-    model.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("clips")
     corrupt = root / "corrupt.mp4"
@@ -160,9 +149,9 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     return {"face": write_clip(root / "face.mp4", seconds=2.0), "corrupt": corrupt}
 
 
-def _log(model_dir: Path, uri: str, value: float, ids=IDS, task="demo", **kw):
+def _log(classifier_dir: Path, uri: str, value: float, ids=IDS, task="demo", **kw):
     fp = registry.test_set_fingerprint(ids)
-    return registry.log_model(model_dir, task, "accuracy", value, fp, tracking_uri=uri, **kw)
+    return registry.log_model(classifier_dir, task, "accuracy", value, fp, tracking_uri=uri, **kw)
 
 
 def _aliases(uri: str, task: str = "demo") -> dict[str, int]:
@@ -215,13 +204,13 @@ def test_provenance_helpers(tmp_path):
 # --------------------------------------------------------------------------- registry
 
 
-def test_log_model_registers_with_tags_and_signature(tracking_uri, model_dir, tmp_path):
+def test_log_model_registers_with_tags_and_signature(tracking_uri, classifier_dir, tmp_path):
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  download:\n    cmd: x\n    outs:\n"
         "    - path: data/raw/demo\n      hash: md5\n      md5: 0123.dir\n"
     )
     sampling = ClipSampling(window_seconds=3.0)
-    v = _log(model_dir, tracking_uri, 0.625, sampling=sampling, dvc_lock=tmp_path / "dvc.lock",
+    v = _log(classifier_dir, tracking_uri, 0.625, sampling=sampling, dvc_lock=tmp_path / "dvc.lock",
              repo_dir=Path(__file__).parent)  # fmt: skip
     assert (v.name, v.version, v.model_uri) == ("socialmae-demo", 1, "models:/socialmae-demo/1")
     client = MlflowClient(tracking_uri)
@@ -244,11 +233,11 @@ def test_log_model_registers_with_tags_and_signature(tracking_uri, model_dir, tm
     assert predictor.labels == EMOTIONS
 
 
-def test_promotion_gate(tracking_uri, model_dir, tmp_path):
+def test_promotion_gate(tracking_uri, classifier_dir, tmp_path):
     fp = registry.test_set_fingerprint(IDS)
 
     def candidate(value: float) -> int:
-        return _log(model_dir, tracking_uri, value).version
+        return _log(classifier_dir, tracking_uri, value).version
 
     first = registry.promote("demo", candidate(0.60), "accuracy", 0.60, fp, margin=0.01)
     assert first.promoted and first.champion == 1 and first.previous_champion is None
@@ -278,19 +267,19 @@ def test_promotion_gate(tracking_uri, model_dir, tmp_path):
     assert json.loads(written.read_text()) == better.to_dict()
 
 
-def test_lower_is_better_metric(sqlite_uri, model_dir):
+def test_lower_is_better_metric(sqlite_uri, classifier_dir):
     fp = registry.test_set_fingerprint(IDS)
-    v1 = registry.log_model(model_dir, "demo", "mae", 0.30, fp, tracking_uri=sqlite_uri)
+    v1 = registry.log_model(classifier_dir, "demo", "mae", 0.30, fp, tracking_uri=sqlite_uri)
     registry.promote("demo", v1.version, "mae", 0.30, fp, 0.01, greater_is_better=False)
-    v2 = registry.log_model(model_dir, "demo", "mae", 0.25, fp, tracking_uri=sqlite_uri)
+    v2 = registry.log_model(classifier_dir, "demo", "mae", 0.25, fp, tracking_uri=sqlite_uri)
     d = registry.promote("demo", v2.version, "mae", 0.25, fp, 0.01, greater_is_better=False)
     assert d.promoted and d.champion == 2 and "lower is better" in d.reason
 
 
-def test_other_test_set_rescores_the_champion(tracking_uri, model_dir, clips):
-    old = _log(model_dir, tracking_uri, 0.90, ids=IDS[:6])
+def test_other_test_set_rescores_the_champion(tracking_uri, classifier_dir, clips):
+    old = _log(classifier_dir, tracking_uri, 0.90, ids=IDS[:6])
     registry.promote("demo", old.version, "accuracy", 0.90, old.test_fingerprint, 0.01)
-    new = _log(model_dir, tracking_uri, 0.50, ids=IDS)
+    new = _log(classifier_dir, tracking_uri, 0.50, ids=IDS)
     assert new.test_fingerprint != old.test_fingerprint
 
     refused = registry.promote("demo", new.version, "accuracy", 0.50, new.test_fingerprint, 0.01)
@@ -323,8 +312,8 @@ def test_other_test_set_rescores_the_champion(tracking_uri, model_dir, clips):
     assert won.promoted and won.champion == 2 and "re-evaluated" in won.reason
 
 
-def test_champion_pyfunc_predicts_good_and_bad_files(tracking_uri, model_dir, clips):
-    v = _log(model_dir, tracking_uri, 0.5)
+def test_champion_pyfunc_predicts_good_and_bad_files(tracking_uri, classifier_dir, clips):
+    v = _log(classifier_dir, tracking_uri, 0.5)
     registry.promote("demo", v.version, "accuracy", 0.5, v.test_fingerprint, 0.0)
     model = mlflow.pyfunc.load_model("models:/socialmae-demo@champion")
     out = model.predict(pd.DataFrame({"path": [str(clips["face"]), str(clips["corrupt"])]}))
@@ -334,7 +323,7 @@ def test_champion_pyfunc_predicts_good_and_bad_files(tracking_uri, model_dir, cl
     assert probs.sum() == pytest.approx(1.0, abs=1e-5)
     assert "not a readable media file" in out.loc[1, "error"]
     assert out.loc[1, [f"prob_{e}" for e in EMOTIONS]].isna().all()
-    local = Predictor.load(model_dir).predict([clips["face"]])[0]
+    local = Predictor.load(classifier_dir).predict([clips["face"]])[0]
     assert probs.tolist() == pytest.approx([local.scores[e] for e in EMOTIONS], abs=1e-6)
 
     audio = model.predict(pd.DataFrame({"path": [str(clips["face"])]}), params={"mode": "audio"})
@@ -345,13 +334,13 @@ def test_champion_pyfunc_predicts_good_and_bad_files(tracking_uri, model_dir, cl
 
 
 @pytest.mark.integration
-def test_credentials_stay_out_of_logs(server_uri, model_dir, caplog, monkeypatch):
+def test_credentials_stay_out_of_logs(server_uri, classifier_dir, caplog, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-pw")
     uri = server_uri.replace("http://", "http://alice:s3cret-pw@")
     caplog.set_level("DEBUG", logger="socialmae")
     fp = registry.test_set_fingerprint(IDS)
-    v = registry.log_model(model_dir, "demo", "accuracy", 0.5, fp, tracking_uri=uri)
+    v = registry.log_model(classifier_dir, "demo", "accuracy", 0.5, fp, tracking_uri=uri)
     registry.promote("demo", v.version, "accuracy", 0.5, v.test_fingerprint, 0.0,
                      tracking_uri=uri)  # fmt: skip
     assert "s3cret-pw" not in caplog.text and "registered socialmae-demo" in caplog.text
@@ -359,8 +348,8 @@ def test_credentials_stay_out_of_logs(server_uri, model_dir, caplog, monkeypatch
 
 @pytest.mark.integration
 @pytest.mark.slow  # 20-35 s: a second Python process imports torch and mlflow, then serves
-def test_mlflow_models_serve_answers_invocations(server_uri, model_dir, clips, tmp_path):
-    v = _log(model_dir, server_uri, 0.5)
+def test_mlflow_models_serve_answers_invocations(server_uri, classifier_dir, clips, tmp_path):
+    v = _log(classifier_dir, server_uri, 0.5)
     registry.promote("demo", v.version, "accuracy", 0.5, v.test_fingerprint, 0.0)
     port = _free_port()
     log = tmp_path / "serve.log"

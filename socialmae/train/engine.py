@@ -11,7 +11,7 @@ import logging
 import math
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +26,7 @@ from socialmae.io import atomic_directory, atomic_write_text
 logger = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Report = Callable[[int, float], None]  # (epoch, validation metric) -> None; may raise to prune
 Schedule = Literal["step", "cosine", "constant"]
 
 

@@ -11,13 +11,11 @@ bootstrap confidence intervals and, when a baseline run is given, a paired signi
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from socialmae.checkpoints import initialize_from, load_checkpoint
 from socialmae.data.dataset import Augment, ClipSampling, ShardDataset, fbank_statistics
-from socialmae.io import atomic_write, atomic_write_text
+from socialmae.io import atomic_write, atomic_write_csv, atomic_write_text
 from socialmae.model import SocialMAEClassifier, get_preset
 from socialmae.model.social_mae import Mode
 from socialmae.params import from_mapping
@@ -43,6 +41,7 @@ from socialmae.train.engine import (
     OptimParams,
     Position,
     Precision,
+    Report,
     autocast,
     autocast_dtype,
     build_optimizer,
@@ -55,8 +54,6 @@ from socialmae.train.engine import (
 )
 
 logger = logging.getLogger(__name__)
-
-Report = Callable[[int, float], None]
 
 
 def experiment_name(task: str) -> str:
@@ -248,14 +245,6 @@ def _test_report(
     return report
 
 
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buffer.getvalue())
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -437,7 +426,7 @@ def _finetune(
                 model.load_state_dict(best_state)
             model.eval()
             model.save_pretrained(out / "model")
-            _write_history(out / "history.csv", history)
+            atomic_write_csv(out / "history.csv", history)
             ids, targets, outputs = predict_dataset(
                 model, val_set, params.mode, params.batch, ctx.device, dtype
             )

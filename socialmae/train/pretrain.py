@@ -9,8 +9,6 @@ uninterrupted run (the data order, masks and augmentation depend only on seed, e
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -24,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from socialmae.checkpoints import initialize_from
 from socialmae.data.dataset import ClipSampling, ShardDataset
-from socialmae.io import atomic_write_text
+from socialmae.io import atomic_write_csv, atomic_write_text
 from socialmae.losses import LossWeights
 from socialmae.model import SocialMAE, get_preset
 from socialmae.model.masking import AudioMaskMode
@@ -115,16 +113,6 @@ def _resume_fingerprint(params: PretrainParams, dataset_size: int, world_size: i
                 "device"):  # fmt: skip
         values.pop(key)
     return fingerprint({**values, "clips": dataset_size, "world_size": world_size})
-
-
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
-    if not history:
-        return
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buffer.getvalue())
 
 
 def pretrain(
@@ -334,7 +322,7 @@ def _finish(
         return metrics
     model.eval()
     model.save_pretrained(out / "model")
-    _write_history(out / "history.csv", history)
+    atomic_write_csv(out / "history.csv", history)
     accepted = set(dataset.table["clip_id"])
     view = ShardDataset(dataset.dir, model.config, train=False, sampling=params.sampling,
                         accepted=accepted)  # fmt: skip

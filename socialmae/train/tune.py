@@ -40,6 +40,7 @@ from optuna.trial import BaseTrial, FrozenTrial, Trial, TrialState
 from socialmae.data.download import redact
 from socialmae.io import atomic_write, atomic_write_text
 from socialmae.params import ParamsError, from_mapping, load_yaml
+from socialmae.train.engine import Report
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ TRIALS_TABLE = "trials.csv"
 SPACE_ATTR = "socialmae.space"  # study user attr: the search space every worker must share
 PARENT_ATTR = "socialmae.mlflow_parent_run"  # study user attr: the MLflow run of the study
 
-Report = Callable[[int, float], None]
 Objective = Callable[[dict[str, Any], Report], float]
 
 _DONE = (TrialState.COMPLETE, TrialState.PRUNED)
