@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from rich.console import Console
 from rich.progress import Progress
 
 from socialmae.checkpoints import CheckpointError, load_checkpoint
@@ -225,7 +226,8 @@ class Predictor:
         width = self.model.config.embed_dim if embed else self.model.num_outputs
         out = np.full((len(paths), width), np.nan, dtype=np.float32)
         errors: list[str | None] = [None] * len(paths)
-        with Progress(transient=True, disable=not progress) as bar:
+        console = Console(stderr=True)  # stdout stays clean for piped JSON/CSV
+        with Progress(transient=True, disable=not progress, console=console) as bar:
             job = bar.add_task("embedding" if embed else "predicting", total=len(paths))
             for start in range(0, len(paths), batch_size):
                 rows, clips = [], []

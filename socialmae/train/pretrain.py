@@ -58,7 +58,8 @@ class PretrainParams:
 
     preset: str = "social-mae-base"
     init: str | None = None  # official CAV-MAE/Social-MAE .pth or a saved model directory
-    split: str | None = "train"  # clips used (null: every accepted clip)
+    datasets: tuple[str, ...] | None = None  # e.g. [voxceleb2] as in the paper; null: all
+    split: str | None = "train"  # clips used (null: every split)
     epochs: int = 25
     max_steps: int | None = None  # stop earlier, after this many optimizer steps
     batch: int = 8  # clips per process per micro-step

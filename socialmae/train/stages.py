@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from socialmae.io import atomic_write_text
 from socialmae.params import ParamsError, from_mapping, load_yaml
 from socialmae.pipeline import FACES, VALIDATION
 from socialmae.tasks import TASKS, get_task
+from socialmae.train.engine import Report
 from socialmae.train.finetune import FinetuneParams, experiment_name, finetune, with_overrides
 from socialmae.train.pretrain import PretrainParams, pretrain
 
@@ -44,12 +46,17 @@ def tracking_uri(params: dict[str, Any]) -> str | None:
     return from_mapping(MlflowParams, params.get("mlflow"), "mlflow").tracking_uri
 
 
-def accepted_clips(validation: Path = VALIDATION) -> set[str]:
-    """Clip ids the validation stage accepted (``accepted.csv``)."""
+def accepted_clips(
+    validation: Path = VALIDATION, datasets: tuple[str, ...] | None = None
+) -> set[str]:
+    """Clip ids the validation stage accepted (``accepted.csv``), of ``datasets`` if given."""
     path = validation / "accepted.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: run the validate stage first")
-    return set(pd.read_csv(path, dtype=str)["clip_id"])
+    table = pd.read_csv(path, dtype=str)
+    if datasets is not None:
+        table = table[table["dataset"].isin(datasets)]
+    return set(table["clip_id"])
 
 
 def merged_section(params: dict[str, Any], section: str, task: str) -> dict[str, Any]:
@@ -95,7 +102,8 @@ def stage_pretrain(
     """Self-supervised pretraining on the accepted clips (``pretrain`` in params.yaml)."""
     params = load_yaml(params_path)
     settings = from_mapping(PretrainParams, params.get("pretrain"), "pretrain")
-    return pretrain(settings, shards, out, accepted_clips(validation), tracking_uri(params))
+    accepted = accepted_clips(validation, settings.datasets)
+    return pretrain(settings, shards, out, accepted, tracking_uri(params))
 
 
 def stage_finetune(
@@ -118,21 +126,26 @@ def stage_finetune(
     )  # fmt: skip
 
 
-def stage_tune(
-    params_path: str | os.PathLike[str],
-    task: str,
-    shards: Path = FACES,
-    validation: Path = VALIDATION,
-    out: Path | None = None,
-) -> dict[str, Any]:
-    """Optuna search over ``tune.<task>.space`` (merged with ``tune.defaults``); each trial is a
-    fine-tuning run scored on the validation split (never on test). Writes
-    ``best_params.json`` (read by ``finetune@task``) and ``trials.csv`` into ``out``."""
+@dataclass
+class _Study:
+    """Everything a tuning worker needs for one task."""
+
+    settings: Any  # socialmae.train.tune.TuneParams
+    space: Any  # socialmae.train.tune.SearchSpace
+    objective: Callable[[dict[str, Any], Report], float]
+    enabled: bool
+    metric: str
+    uri: str | None
+
+
+def _study(params_path, task: str, shards: Path, validation: Path, workdir: Path) -> _Study:
+    """The task's study settings and its objective: one fine-tuning run per trial, in a
+    scratch directory under ``workdir``, scored on validation (never on test)."""
     import shutil
     import tempfile
 
     from socialmae.train.metrics import primary_metric
-    from socialmae.train.tune import parse_tune, run_study
+    from socialmae.train.tune import parse_tune
 
     spec = get_task(task)
     params = load_yaml(params_path)
@@ -142,37 +155,76 @@ def stage_tune(
         raise ParamsError(f"tune.{task}.enabled", f"expected true or false, got {enabled!r}")
     settings, space = parse_tune(section, f"tune.{task}")
     base = finetune_params(params, task, tuned=None)
-    out = out if out is not None else TUNE / task
-    if not enabled:  # finetune@task then uses its params as they are
-        payload = {"params": {}, "skipped": "tune.enabled is false"}
-        atomic_write_text(out / BEST_PARAMS, json.dumps(payload, indent=2) + "\n")
-        return payload
-    accepted = accepted_clips(validation)
     uri = tracking_uri(params)
     metric = primary_metric(spec)
 
-    def objective(overrides: dict[str, Any], report) -> float:
+    def objective(overrides: dict[str, Any], report: Report) -> float:
         trial = with_overrides(base, overrides)
-        workdir = Path(tempfile.mkdtemp(prefix="trial-", dir=out))
+        workdir.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="trial-", dir=workdir))
         try:
             result = finetune(
-                trial, spec, shards, workdir, accepted, report=report, tracking_uri=uri,
-                evaluate_test=False,
+                trial, spec, shards, scratch, accepted_clips(validation), report=report,
+                tracking_uri=uri, evaluate_test=False,
             )  # fmt: skip
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
         return float(result["val"][metric])
 
+    return _Study(settings, space, objective, enabled, metric, uri)
+
+
+def stage_tune(
+    params_path: str | os.PathLike[str],
+    task: str,
+    shards: Path = FACES,
+    validation: Path = VALIDATION,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """Optuna search over ``tune.<task>.space`` (merged with ``tune.defaults``); each trial is a
+    fine-tuning run scored on the validation split. Writes ``best_params.json`` (read by
+    ``finetune@task``) and ``trials.csv`` into ``out``."""
+    from socialmae.train.tune import run_study
+
+    out = out if out is not None else TUNE / task
+    study = _study(params_path, task, shards, validation, out)
+    if not study.enabled:  # finetune@task then uses its params as they are
+        payload = {"params": {}, "skipped": "tune.enabled is false"}
+        atomic_write_text(out / BEST_PARAMS, json.dumps(payload, indent=2) + "\n")
+        return payload
     out.mkdir(parents=True, exist_ok=True)
     result = run_study(
-        objective, space, settings, settings.study_for(task), out,
-        metric=f"val_{metric}", tracking_uri=uri, experiment=experiment_name(task),
+        study.objective, study.space, study.settings, study.settings.study_for(task), out,
+        metric=f"val_{study.metric}", tracking_uri=study.uri, experiment=experiment_name(task),
     )  # fmt: skip
-    return {
-        "study": result.study_name, "best_value": result.best_value,
-        "best_params": result.best_params, "best_trial": result.best_trial,
-        "trials": result.n_trials,
-    }  # fmt: skip
+    return result.metrics()
+
+
+def stage_tune_worker(
+    params_path: str | os.PathLike[str],
+    task: str,
+    shards: Path = FACES,
+    validation: Path = VALIDATION,
+) -> dict[str, Any]:
+    """An extra worker for ``task``'s study on another process or machine: the same study name
+    in the shared storage (``tune.storage`` or ``$SOCIALMAE_OPTUNA_STORAGE``, which must not
+    be the default per-run sqlite file), fresh sampler entropy; writes no files."""
+    from dataclasses import replace
+
+    from socialmae.train.tune import STORAGE_ENV, run_study
+
+    study = _study(params_path, task, shards, validation, TUNE / f".{task}-worker")
+    if study.settings.storage is None and not os.environ.get(STORAGE_ENV):
+        raise ParamsError(
+            f"tune.{task}.storage",
+            f"a shared study needs a database: set tune.storage or ${STORAGE_ENV}",
+        )
+    result = run_study(
+        study.objective, study.space, replace(study.settings, seed=None),
+        study.settings.study_for(task), None, metric=f"val_{study.metric}",
+        tracking_uri=study.uri, experiment=experiment_name(task),
+    )  # fmt: skip
+    return result.metrics()
 
 
 @dataclass(frozen=True)
