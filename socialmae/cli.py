@@ -20,6 +20,7 @@ from socialmae.checkpoints import CheckpointError, load_checkpoint
 from socialmae.data.errors import MediaError
 from socialmae.model import SocialMAE, SocialMAEClassifier
 from socialmae.model.social_mae import Mode
+from socialmae.tasks import TASKS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -59,8 +60,6 @@ def _stage(run, *args) -> None:
 
 
 def _task(name: str) -> str:
-    from socialmae.tasks import TASKS
-
     if name not in TASKS:
         _fail(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
     return name
@@ -199,10 +198,12 @@ TrackingOption = Annotated[
 
 
 def _is_uri(model: str) -> bool:
+    """``models:/...``, ``runs:/...``, ``s3://...``: for MLflow, not a local path."""
     return bool(_URI.match(model))
 
 
-def _check_device(device: str) -> str:
+def _check_device(device: str) -> None:
+    """Exit 2 unless ``device`` is cpu or an available cuda device."""
     import torch
 
     try:
@@ -213,7 +214,6 @@ def _check_device(device: str) -> str:
         _fail(f"--device must be cpu or cuda[:N], got {device!r}")
     if kind == "cuda" and not torch.cuda.is_available():
         _fail(f"--device {device}: CUDA is not available")
-    return device
 
 
 def _load_predictor(
@@ -279,6 +279,7 @@ def _records(frame: pd.DataFrame) -> list[dict[str, object]]:
 
 
 def _print_table(frame: pd.DataFrame, predictor: Predictor) -> None:
+    """:meth:`Predictor.to_frame` rows as a rich table on stdout."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -316,8 +317,8 @@ def predict(
     task: Annotated[
         str | None,
         typer.Option(
-            help="cremad, firstimpressions, ndcme or demo: without --model, use "
-            "models:/socialmae-TASK@champion; for a .pth, its kind and labels"
+            help=f"{', '.join(TASKS)}: without --model, use models:/socialmae-TASK@champion; "
+            "for a .pth, its kind and labels"
         ),
     ] = None,
     labels: Annotated[
@@ -386,7 +387,7 @@ def embed(
 
     NAME.npy: an [N, D] float32 array (NaN rows for files that could not be used) and
     NAME.paths.csv beside it with each row's path and error. NAME.parquet: columns path,
-    error and vector (D float32; null where the file could not be used).
+    error and vector (D float32 values; null where the file could not be used).
 
     Exit codes: 0 every file was embedded; 1 some files could not be used; 2 bad arguments
     or a model that cannot be loaded.
@@ -419,12 +420,12 @@ def _write_embeddings(result: Embeddings, out: Path) -> list[Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    dim = result.vectors.shape[1]
     vectors = [v.tolist() if ok else None for v, ok in zip(result.vectors, result.ok, strict=True)]
     table = pa.table({
         "path": pa.array(result.paths, pa.string()),
         "error": pa.array(result.errors, pa.string()),
-        "vector": pa.array(vectors, pa.list_(pa.float32(), dim)),
+        # a list, not a fixed-size list: pyarrow 25 cannot read those back with nulls in them
+        "vector": pa.array(vectors, pa.list_(pa.float32())),
     })  # fmt: skip
     return [atomic_write(out, lambda tmp: pq.write_table(table, str(tmp)))]
 
@@ -562,7 +563,7 @@ def _servable(model: str, tracking_uri: str, stack: contextlib.ExitStack) -> tup
     )
     try:
         version = log_model(path, "local", "unscored", float("nan"), "none", tracking_uri=local)
-    except (CheckpointError, TypeError, ValueError) as exc:
+    except CheckpointError as exc:
         _fail(str(exc))
     return version.model_uri, local
 
@@ -586,14 +587,16 @@ def _run_forwarding_signals(command: list[str], env: dict[str, str]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if process.poll() is None:  # leaving on an exception: do not leave the server behind
-            os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
             process.wait()
     _wait_for_group(process.pid)
     return 0 if received else code
 
 
 def _wait_for_group(group: int, timeout: float = 20.0) -> None:
-    """Wait until no process of ``group`` is left (the server's workers), then SIGKILL any."""
+    """Wait until no process of ``group`` (the server's workers) is left; SIGKILL what is
+    still there after ``timeout`` seconds."""
     import time
 
     deadline = time.monotonic() + timeout
