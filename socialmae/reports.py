@@ -128,6 +128,28 @@ def tasks(root: str | os.PathLike[str], include_paper: bool = True) -> tuple[str
     return own + extra
 
 
+def execute_notebook(
+    path: str | os.PathLike[str],
+    root: str | os.PathLike[str],
+    timeout: int = 600,
+    kernel: str = "python3",
+) -> Any:
+    """Run a notebook top to bottom in a fresh kernel with ``root`` as working directory and
+    return the executed ``nbformat.NotebookNode`` (the file itself is left as it is).
+
+    ``python3`` is the kernel of the running interpreter. Raises
+    ``nbclient.exceptions.CellExecutionError`` naming the first failing cell.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(notebook, timeout=timeout, kernel_name=kernel,
+                            resources={"metadata": {"path": str(root)}})  # fmt: skip
+    client.execute()
+    return notebook
+
+
 # ------------------------------------------------------------------------------ data overview
 
 
@@ -186,22 +208,31 @@ def class_balance(root: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 def pick_clips(clips: pd.DataFrame, limit: int = 6, split: str | None = None) -> pd.DataFrame:
-    """Up to ``limit`` clips in shards: one per (dataset, label) first, taking speakers in
-    turn so that the picks show different people; deterministic."""
+    """Up to ``limit`` clips in shards: one per (dataset, label) first, each from the speaker
+    shown least so far, so that the picks show different people; deterministic."""
     table = clips[clips["status"] == "ok"]
     if split is not None:
         table = table[table["split"] == split]
     table = table.sort_values("clip_id", kind="stable")
     turn = table.groupby("speaker", sort=False).cumcount()  # n-th clip of its speaker
     table = table.assign(_turn=turn).sort_values(["_turn", "speaker"], kind="stable")
-    table = table.drop(columns="_turn")
-    first = table.groupby(["dataset", "label"], sort=False).head(1)
-    rest = table.drop(first.index)
-    return pd.concat([first, rest]).head(limit).reset_index(drop=True)
+    table = table.drop(columns="_turn").reset_index(drop=True)
+    shown: dict[str, int] = {}
+    first: list[int] = []
+    for _, group in table.groupby(["dataset", "label"], sort=False):
+        index = int(group["speaker"].map(lambda s: shown.get(s, 0)).idxmin())
+        first.append(index)
+        speaker = table.at[index, "speaker"]
+        shown[speaker] = shown.get(speaker, 0) + 1
+    rest = [i for i in table.index if i not in set(first)]
+    return table.loc[first + rest].head(limit).reset_index(drop=True)
 
 
-def plot_clip_distributions(clips: pd.DataFrame) -> Figure:
-    """Histograms of duration, face detection rate and audio RMS, ok vs quarantined clips."""
+def plot_clip_distributions(
+    clips: pd.DataFrame, thresholds: Mapping[str, float] | None = None
+) -> Figure:
+    """Histograms of duration, face detection rate and audio RMS, ok vs quarantined clips;
+    ``thresholds`` (column -> value, e.g. the ``validate`` minimums) are drawn as lines."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 3), layout="constrained")
@@ -218,6 +249,8 @@ def plot_clip_distributions(clips: pd.DataFrame) -> Figure:
             ax.hist([v for _, v in present], bins=20, stacked=True,
                     label=[f"{s} ({v.size})" for s, v in present])  # fmt: skip
             ax.legend(fontsize=8)
+        if thresholds and column in thresholds:
+            ax.axvline(thresholds[column], color="red", linestyle="--", linewidth=1)
         ax.set_xlabel(label)
         ax.set_ylabel("clips")
     return fig

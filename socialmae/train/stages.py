@@ -22,6 +22,7 @@ from socialmae.io import atomic_write_text
 from socialmae.params import ParamsError, from_mapping, load_yaml
 from socialmae.pipeline import FACES, VALIDATION
 from socialmae.tasks import TASKS, get_task
+from socialmae.tracking import resolve_tracking_uri
 from socialmae.train.engine import Report
 from socialmae.train.finetune import FinetuneParams, experiment_name, finetune, with_overrides
 from socialmae.train.pretrain import PretrainParams, pretrain
@@ -155,7 +156,7 @@ def _study(params_path, task: str, shards: Path, validation: Path, workdir: Path
         raise ParamsError(f"tune.{task}.enabled", f"expected true or false, got {enabled!r}")
     settings, space = parse_tune(section, f"tune.{task}")
     base = finetune_params(params, task, tuned=None)
-    uri = tracking_uri(params)
+    uri = resolve_tracking_uri(tracking_uri(params))  # trials nest under the study's run
     metric = primary_metric(spec)
 
     def objective(overrides: dict[str, Any], report: Report) -> float:
