@@ -37,8 +37,8 @@ test-all: lint
 	$(BIN)/python -m pytest -m ''
 
 lint: $(STAMP)
-	$(BIN)/ruff check socialmae tests benchmarks
-	$(BIN)/ruff format --check socialmae tests benchmarks
+	$(BIN)/ruff check socialmae tests benchmarks flows notebooks
+	$(BIN)/ruff format --check socialmae tests benchmarks flows notebooks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pretrain_step.py

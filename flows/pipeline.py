@@ -1,0 +1,100 @@
+"""The pipeline as a Prefect flow: each stage is one task running ``dvc repro --single-item
+<stage>`` in the project root, in dvc.yaml's order, so DVC's cache and dvc.lock decide what
+runs; with ``gpus > 1`` pretraining goes through ``torchrun`` and ``dvc commit``. A markdown
+artifact summarises the metrics and promotion decisions.
+
+    python -m flows.pipeline [ROOT]    # from the repository root
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from socialmae import orchestration
+from socialmae.orchestration import PRETRAIN_STAGE, StageRun
+
+PIPELINE_ARTIFACT = "socialmae-pipeline"
+
+
+@task(task_run_name="{stage}", cache_policy=NO_CACHE)  # side effects: never cached
+def repro(root: Path, stage: str, force: bool = False) -> StageRun:
+    """``dvc repro --single-item [--force] <stage>`` in ``root``."""
+    return orchestration.repro(root, stage, force, log=get_run_logger())
+
+
+@task(task_run_name="pretrain (torchrun x{nproc})", cache_policy=NO_CACHE)
+def pretrain_torchrun(root: Path, nproc: int, force: bool = False) -> StageRun:
+    """``torchrun --nproc_per_node <nproc> -m socialmae.cli pretrain`` + ``dvc commit``."""
+    return orchestration.pretrain_torchrun(root, nproc, force, log=get_run_logger())
+
+
+@task(cache_policy=NO_CACHE)
+def report(root: Path, tasks: Sequence[str], runs: Sequence[StageRun], title: str, key: str) -> str:
+    """Publish the run's markdown summary as the artifact ``key``; returns the markdown."""
+    markdown = orchestration.summary_markdown(root, tasks, runs, title)
+    create_markdown_artifact(markdown, key=key, description=title)
+    return markdown
+
+
+def run_stages(
+    root: Path,
+    stages: Sequence[str],
+    gpus: int = 1,
+    force: Sequence[str] = (),
+    download_retries: int = 2,
+    retry_delay_seconds: float = 10.0,
+) -> list[StageRun]:
+    """Run ``stages`` in order, one task each (call it inside a flow). ``force`` names stages
+    re-run even when DVC finds them up to date; only ``download`` (the network) is retried."""
+    unknown = sorted(set(force) - set(stages))
+    if unknown:
+        raise ValueError(f"force: {unknown} are not stages of this run ({list(stages)})")
+    if gpus < 1 or download_retries < 0:
+        raise ValueError(f"need gpus >= 1, download_retries >= 0; got {gpus}, {download_retries}")
+    runs = []
+    for stage in stages:
+        forced = stage in force
+        if stage == PRETRAIN_STAGE and gpus > 1:
+            runs.append(pretrain_torchrun(root, gpus, forced))
+        elif stage == "download":
+            retried = repro.with_options(retries=download_retries,
+                                         retry_delay_seconds=retry_delay_seconds)  # fmt: skip
+            runs.append(retried(root, stage, forced))
+        else:
+            runs.append(repro(root, stage, forced))
+    return runs
+
+
+@flow(name="socialmae-pipeline")
+def pipeline(
+    root: str = ".",
+    gpus: int = 1,
+    download_retries: int = 2,
+    retry_delay_seconds: float = 10.0,
+    force: list[str] | None = None,
+) -> list[StageRun]:
+    """download -> crop_faces -> validate -> pretrain -> tune/finetune/register@task (each task
+    in params.yaml), each through ``dvc repro``; ``gpus > 1`` pretrains under torchrun.
+
+    Args:
+        root: the project (dvc.yaml, params.yaml).
+        gpus: processes for pretraining; above 1, ``torchrun --nproc_per_node gpus``.
+        download_retries: retries of the download stage, ``retry_delay_seconds`` apart.
+        force: stages to re-run even when up to date (``dvc repro --force``).
+    """
+    project = Path(root).resolve()
+    tasks = orchestration.project_tasks(project)
+    stages = orchestration.pipeline_stages(tasks)
+    runs = run_stages(project, stages, gpus, force or (), download_retries, retry_delay_seconds)
+    report(project, tasks, runs, "Social-MAE pipeline", PIPELINE_ARTIFACT)
+    return runs
+
+
+if __name__ == "__main__":
+    pipeline(root=sys.argv[1] if len(sys.argv) > 1 else ".")
