@@ -25,7 +25,7 @@ from socialmae.cli import app
 from socialmae.data.dataset import load_clip
 from socialmae.figures import save_reconstruction_figure
 from socialmae.inference import Predictor
-from socialmae.model import SocialMAE, SocialMAEClassifier, get_preset
+from socialmae.model import SocialMAE, get_preset
 from socialmae.tasks import EMOTIONS, TRAITS
 
 SMALL = dict(d=64, depth=2, dd=32, decoder_depth=1)
@@ -72,15 +72,6 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     corrupt.write_bytes(b"this is not a video" * 50)
     return {"face": write_clip(root / "face.mp4", seconds=2.0), "corrupt": corrupt,
             "missing": root / "missing.mp4"}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = SocialMAEClassifier.from_preset("tiny", num_outputs=6, labels=EMOTIONS)
-    directory = tmp_path_factory.mktemp("models") / "classifier"
-    model.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
