@@ -27,10 +27,8 @@ def save_reconstruction_figure(
     Args:
         audio: ``[B, 1024, 128]`` normalised fbank; video: ``[B, 3, T, 224, 224]`` normalised.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     was_training = model.training
     model.eval()
@@ -47,7 +45,9 @@ def save_reconstruction_figure(
         ("reconstructed", rec.video_reconstructed, rec.audio_reconstructed),
     ]
     frames = rec.video.shape[2]
-    fig, axes = plt.subplots(3, frames + 1, figsize=(1.6 * (frames + 2), 5.4), squeeze=False)
+    fig = Figure(figsize=(1.6 * (frames + 2), 5.4))
+    FigureCanvasAgg(fig)  # no pyplot: no global state, no backend selection
+    axes = fig.subplots(3, frames + 1, squeeze=False)
     lo, hi = float(rec.audio.min()), float(rec.audio.max())
     for r, (name, clip, fbank) in enumerate(rows):
         images = video_to_frames(clip[0], order)  # [T, H, W, 3]
@@ -67,10 +67,4 @@ def save_reconstruction_figure(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
 
-    def write(tmp: Path) -> None:
-        fig.savefig(tmp, dpi=70, format="png")
-
-    try:
-        return atomic_write(path, write)
-    finally:
-        plt.close(fig)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=70, format="png"))

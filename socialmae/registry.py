@@ -34,7 +34,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -61,7 +61,7 @@ from socialmae.inference import (
 )
 from socialmae.io import atomic_write_text
 from socialmae.tracking import resolve_tracking_uri
-from socialmae.train.engine import fingerprint
+from socialmae.train.engine import test_set_fingerprint as test_set_fingerprint  # re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +94,6 @@ def champion_uri(task: str) -> str:
 
 
 # --------------------------------------------------------------------------- provenance
-
-
-def test_set_fingerprint(clip_ids: Iterable[str]) -> str:
-    """Which test set a score is on: the hash of its sorted clip ids (the same value as
-    ``test_set`` in the finetune stage's metrics.json)."""
-    return fingerprint(sorted(map(str, clip_ids)))
 
 
 def git_revision(repo_dir: str | os.PathLike[str] = ".") -> tuple[str | None, bool]:

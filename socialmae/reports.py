@@ -333,28 +333,21 @@ def reconstruction_figures(
     """The paper's Fig. 2 (original / masked / reconstructed frames, fbank beside them) for
     clips ``indices`` of ``dataset``, one PNG each in ``directory`` (the pretrain stage's
     figure code, so the notebook shows what ``reconstruction.png`` shows)."""
-    import matplotlib
-
     from socialmae.figures import save_reconstruction_figure
 
-    backend = matplotlib.get_backend()  # save_reconstruction_figure selects Agg globally
     paths = []
-    try:
-        for n, index in enumerate(indices):
-            item = dataset[index]
-            row = dataset.table.iloc[index]
-            label = f", {row['label']}" if row["label"] else ""
-            path = Path(directory) / f"{n:02d}-{item['clip_id']}.png"
-            save_reconstruction_figure(
-                model, item["audio"][None], item["video"][None], path, seed=seed,
-                mask_ratio=mask_ratio,
-                title=f"{item['clip_id']} ({row['split']}{label}): original / masked / "
-                "reconstructed",
-            )  # fmt: skip
-            paths.append(path)
-    finally:
-        if matplotlib.get_backend() != backend:
-            matplotlib.use(backend)
+    for n, index in enumerate(indices):
+        item = dataset[index]
+        row = dataset.table.iloc[index]
+        label = f", {row['label']}" if row["label"] else ""
+        path = Path(directory) / f"{n:02d}-{item['clip_id']}.png"
+        save_reconstruction_figure(
+            model, item["audio"][None], item["video"][None], path, seed=seed,
+            mask_ratio=mask_ratio,
+            title=f"{item['clip_id']} ({row['split']}{label}): original / masked / "
+            "reconstructed",
+        )  # fmt: skip
+        paths.append(path)
     return paths
 
 

@@ -11,7 +11,7 @@ import logging
 import math
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -246,9 +246,15 @@ class Position:
 
 
 def fingerprint(values: Any) -> str:
-    """Short hash of the settings a checkpoint must agree with to be resumed."""
+    """Short hash of JSON-able values (settings a checkpoint must agree with, test clips)."""
     text = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def test_set_fingerprint(clip_ids: Iterable[str]) -> str:
+    """Which test set a score is on: the hash of its sorted clip ids (``test_set`` in the
+    finetune stage's metrics.json; the promotion gate compares these)."""
+    return fingerprint(sorted(map(str, clip_ids)))
 
 
 class Checkpointer:

@@ -10,7 +10,6 @@ bootstrap confidence intervals and, when a baseline run is given, a paired signi
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -51,6 +50,7 @@ from socialmae.train.engine import (
     lr_multiplier,
     param_groups,
     set_lr,
+    test_set_fingerprint,
 )
 
 logger = logging.getLogger(__name__)
@@ -337,13 +337,11 @@ def _finetune(
                   "world_size": ctx.world_size}  # fmt: skip
     checkpointer = Checkpointer(out / "checkpoints", fingerprint(resume_key), keep=1)
     position, history, best = Position(), [], {"epoch": -1, "value": -np.inf}
+    best_dir = out / "checkpoints" / "best"  # the best epoch's weights, kept on disk only
     latest = checkpointer.latest()
-    best_state = None
     if latest is not None:
         position, extra = checkpointer.load(latest, model, optimizer, scaler)
         history, best = extra["history"], extra["best"]
-        best_path = out / "checkpoints" / "best"
-        best_state = load_checkpoint(best_path).state_dict() if best_path.is_dir() else None
 
     net: torch.nn.Module = model
     if ctx.distributed:
@@ -407,8 +405,7 @@ def _finetune(
                 )
                 if value > best["value"]:
                     best = {"epoch": epoch, "value": value}
-                    best_state = copy.deepcopy(model.state_dict())
-                    model.save_pretrained(out / "checkpoints" / "best")
+                    model.save_pretrained(best_dir)
                 position = Position(position.step, epoch + 1, 0)
                 checkpointer.save(
                     model, optimizer, scaler, position, {"history": history, "best": best}
@@ -422,22 +419,21 @@ def _finetune(
                                   "primary_metric": primary, "best_epoch": best["epoch"],
                                   "steps": position.step}  # fmt: skip
         if ctx.is_main:
-            if best_state is not None:
-                model.load_state_dict(best_state)
+            chosen = history[-1]
+            if best["epoch"] >= 0:  # else every validation score was NaN: keep the last epoch
+                model.load_state_dict(load_checkpoint(best_dir).state_dict())
+                chosen = next(row for row in history if row["epoch"] == best["epoch"])
             model.eval()
             model.save_pretrained(out / "model")
             atomic_write_csv(out / "history.csv", history)
-            ids, targets, outputs = predict_dataset(
-                model, val_set, params.mode, params.batch, ctx.device, dtype
-            )
-            result["val"] = metrics.scalar_metrics(metrics.evaluate(task, targets, outputs))
+            result["val"] = {k[len("val_") :]: v for k, v in chosen.items() if k.startswith("val_")}
         if ctx.is_main and evaluate_test:
             ids, targets, outputs = predict_dataset(
                 model, test_set, params.mode, params.batch, ctx.device, dtype
             )
             _save_predictions(out / PREDICTIONS, task, ids, targets, outputs)
             result["test"] = _test_report(task, ids, targets, outputs, params, out)
-            result["test_set"] = fingerprint(sorted(ids))
+            result["test_set"] = test_set_fingerprint(ids)
             tracker.log_metrics({f"test_{k}": v for k, v in result["test"].items()
                                  if isinstance(v, float)})  # fmt: skip
         if ctx.is_main:
