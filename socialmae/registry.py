@@ -60,7 +60,7 @@ from socialmae.inference import (
     write_preprocessing,
 )
 from socialmae.io import atomic_write_text
-from socialmae.tracking import resolve_tracking_uri
+from socialmae.tracking import resolve_tracking_uri, using_tracking_uri
 from socialmae.train.engine import test_set_fingerprint as test_set_fingerprint  # re-exported
 
 logger = logging.getLogger(__name__)
@@ -137,24 +137,6 @@ def dvc_data_hashes(
 
 
 # --------------------------------------------------------------------------- MLflow plumbing
-
-
-@contextlib.contextmanager
-def _fluent_tracking(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API at ``uri`` for the block, then restore the previous setting
-    (``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI``; that is restored too)."""
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    previous, env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def _client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
@@ -305,7 +287,7 @@ def log_model(
     name = model_name(task)
     client, uri = _client(tracking_uri)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_fluent_tracking(uri))
+        stack.enter_context(using_tracking_uri(uri))
         if mlflow.active_run() is None:
             found = client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else client.create_experiment(experiment)
@@ -502,7 +484,7 @@ def load_registered(
 ) -> Predictor:
     """The :class:`Predictor` of a logged model (``models:/name@alias``, ``models:/name/3``...)."""
     uri = resolve_tracking_uri(tracking_uri)
-    with _fluent_tracking(uri):
+    with using_tracking_uri(uri):
         model = mlflow.pyfunc.load_model(model_uri, model_config={"device": device})
     python_model = model.unwrap_python_model()
     if not isinstance(python_model, SocialMAEPyfunc) or python_model.predictor is None:

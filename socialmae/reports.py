@@ -30,6 +30,7 @@ from socialmae.data.manifest import MANIFEST_NAME, SPLITS, read_manifest
 from socialmae.data.shards import ShardReader
 from socialmae.params import load_yaml
 from socialmae.tasks import TaskSpec, get_task
+from socialmae.tracking import resolve_tracking_uri
 from socialmae.train import metrics
 from socialmae.train.finetune import PREDICTIONS, experiment_name, read_predictions
 
@@ -113,8 +114,7 @@ def tracking_uri(root: str | os.PathLike[str]) -> str:
     params.yaml, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; a relative sqlite
     path is taken relative to ``root`` (where ``dvc repro`` runs the stages)."""
     section = load_params(root).get("mlflow") or {}
-    uri = section.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-    uri = uri or "sqlite:///mlflow.db"
+    uri = resolve_tracking_uri(section.get("tracking_uri"))
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_absolute():
         uri = prefix + str(Path(root).resolve() / uri[len(prefix) :])

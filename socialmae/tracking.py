@@ -26,6 +26,25 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+@contextlib.contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for the block, then restore the previous setting
+    (``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI``; that is restored too)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous, env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 def flatten(values: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, Any]:
     """Nested mappings/dataclasses -> ``{"a.b": value}`` with plain values (for log_params)."""
     if dataclasses.is_dataclass(values) and not isinstance(values, type):
@@ -76,12 +95,12 @@ class Tracker:
         from socialmae.data.download import redact
 
         uri = resolve_tracking_uri(tracking_uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name=run_name, tags=dict(tags or {})) as run:
-            self.run_id = run.info.run_id
-            logger.info("MLflow run %s in %s (%s)", self.run_id, experiment, redact(uri))
-            yield self
+        with using_tracking_uri(uri):
+            mlflow.set_experiment(experiment)
+            with mlflow.start_run(run_name=run_name, tags=dict(tags or {})) as run:
+                self.run_id = run.info.run_id
+                logger.info("MLflow run %s in %s (%s)", self.run_id, experiment, redact(uri))
+                yield self
 
     def log_params(self, params: Mapping[str, Any] | Any) -> None:
         if not self.enabled:
