@@ -15,6 +15,9 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export HF_HUB_OFFLINE := 1
+# Let Python cache bytecode: every stage and test process imports torch, MLflow, Prefect...;
+# without .pyc files each one compiles them again (seconds per process).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup demo test test-all lint bench lock clean
 

@@ -309,7 +309,7 @@ def _build_native(meta: dict[str, Any], path: Path) -> SocialMAE | SocialMAEClas
             labels = meta.get("labels")
             return SocialMAEClassifier(
                 config, int(meta["num_outputs"]), meta.get("task", "classification"),
-                tuple(labels) if labels is not None else None,
+                tuple(labels) if labels is not None else None, meta.get("mode", "multimodal"),
             )  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(path, f"invalid {CONFIG_NAME} ({exc})") from exc

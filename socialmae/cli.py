@@ -186,7 +186,10 @@ _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # models:/, runs:/, s3://... (
 VideosArgument = Annotated[list[Path], typer.Argument(help="video files", show_default=False)]
 _MODEL_HELP = "models:/NAME@ALIAS (or /VERSION) URI, a saved model directory or an official .pth"
 ModelOption = Annotated[str, typer.Option("--model", "-m", show_default=False, help=_MODEL_HELP)]
-ModeOption = Annotated[Mode, typer.Option(help="which inputs the model sees")]
+ModeOption = Annotated[
+    Mode | None,
+    typer.Option(help="which inputs the model sees (default: the mode it was fine-tuned in)"),
+]
 DeviceOption = Annotated[str, typer.Option(help="cpu or cuda[:N]")]
 BatchOption = Annotated[int, typer.Option(min=1, help="clips per forward pass")]
 TrackingOption = Annotated[
@@ -324,7 +327,7 @@ def predict(
     labels: Annotated[
         str | None, typer.Option(help="comma-separated output names of a .pth")
     ] = None,
-    mode: ModeOption = "multimodal",
+    mode: ModeOption = None,
     output_format: Annotated[
         Format | None,
         typer.Option(
@@ -378,7 +381,7 @@ def embed(
     out: Annotated[
         Path, typer.Option("--out", "-o", show_default=False, help="NAME.npy or NAME.parquet")
     ],
-    mode: ModeOption = "multimodal",
+    mode: ModeOption = None,
     device: DeviceOption = "cpu",
     batch_size: BatchOption = 8,
     tracking_uri: TrackingOption = None,

@@ -57,10 +57,10 @@ class Preprocessing:
     sampling: ClipSampling  # which frames and audio window
 
     def __post_init__(self) -> None:
-        if self.crop.image_size != self.config.image_size:
+        if self.crop.image_size < self.config.image_size:  # larger crops are resized down
             raise ValueError(
-                f"crop.image_size {self.crop.image_size} differs from the model's "
-                f"image_size {self.config.image_size}"
+                f"crop.image_size {self.crop.image_size} is smaller than the model's "
+                f"image_size {self.config.image_size}: faces would be upsampled"
             )
 
 
@@ -212,12 +212,14 @@ class Predictor:
     def _run(
         self,
         paths: Sequence[str | os.PathLike[str]],
-        mode: Mode,
+        mode: Mode | None,
         batch_size: int,
         progress: bool,
         embed: bool,
     ) -> tuple[np.ndarray, list[str | None]]:
-        """Outputs ``[N, K]`` (logits, or embeddings when ``embed``; NaN rows on error)."""
+        """Outputs ``[N, K]`` (logits, or embeddings when ``embed``; NaN rows on error) in
+        ``mode`` (None: the mode the model was fine-tuned in)."""
+        mode = mode or self.model.mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if batch_size < 1:
@@ -257,7 +259,7 @@ class Predictor:
     def predict(
         self,
         paths: Sequence[str | os.PathLike[str]],
-        mode: Mode = "multimodal",
+        mode: Mode | None = None,
         batch_size: int = 8,
         progress: bool = False,
     ) -> list[Prediction]:
@@ -297,7 +299,7 @@ class Predictor:
     def predict_frame(
         self,
         paths: Sequence[str | os.PathLike[str]],
-        mode: Mode = "multimodal",
+        mode: Mode | None = None,
         batch_size: int = 8,
         progress: bool = False,
     ) -> pd.DataFrame:
@@ -307,7 +309,7 @@ class Predictor:
     def embed(
         self,
         paths: Sequence[str | os.PathLike[str]],
-        mode: Mode = "multimodal",
+        mode: Mode | None = None,
         batch_size: int = 8,
         progress: bool = False,
     ) -> Embeddings:

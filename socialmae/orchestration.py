@@ -245,13 +245,15 @@ def summary_markdown(root: Path, tasks: Sequence[str], runs: Sequence[StageRun],
         if result is None:
             rows.append((task, "", "", "", "", "no metrics yet"))
             continue
-        test, primary = result.get("test", {}), result.get("primary_metric", "")
-        others = ", ".join(
-            f"{k} {_number(v)}" for k, v in test.items()
-            if k != primary and "/" not in k and isinstance(v, int | float)
-        )  # fmt: skip
-        rows.append((task, result.get("mode", ""), primary, test.get(primary),
-                     test.get(f"{primary}_ci95", ""), others))  # fmt: skip
+        primary = result.get("primary_metric", "")
+        for mode in result.get("modes", []):
+            test = result.get(mode, {}).get("test", {})
+            others = ", ".join(
+                f"{k} {_number(v)}" for k, v in test.items()
+                if k != primary and "/" not in k and isinstance(v, int | float)
+            )  # fmt: skip
+            rows.append((task, mode, primary, test.get(primary),
+                         test.get(f"{primary}_ci95", ""), others))  # fmt: skip
     lines += _table(["task", "mode", "metric", "value", "95% CI", "other test metrics"], rows)
 
     lines += ["", "## Promotion (`outputs/register/<task>/decision.json`)", ""]

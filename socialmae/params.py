@@ -95,6 +95,17 @@ def from_mapping(cls: type[T], mapping: Any, key: str = "") -> T:
         raise ParamsError(key or "<root>", str(exc)) from exc
 
 
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top`` on top, nested mappings merged key by key (neither is changed)."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a params file (a mapping at the top)."""
     p = Path(path)

@@ -24,6 +24,8 @@ from socialmae.params import ParamsError, from_mapping, load_yaml
 RAW = Path("data/raw")
 FACES = Path("data/interim/faces")
 VALIDATION = Path("data/processed/validation")
+CROP_METRICS_NAME = "crop_metrics.json"  # beside the shards, never inside them: its timings
+# change on every run and would change the hash of the tracked shard directory
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,13 @@ def stage_download(params_path: str | os.PathLike[str], root: Path = RAW) -> dic
 def stage_crop_faces(
     params_path: str | os.PathLike[str], root: Path = RAW, out: Path = FACES
 ) -> dict[str, Any]:
-    """Face crops and audio into shards, with the per-clip table."""
+    """Face crops and audio into shards, with the per-clip table; counts and timings go to
+    ``crop_metrics.json`` beside ``out`` (see :data:`CROP_METRICS_NAME`)."""
     params = load_yaml(params_path)
     crop = from_mapping(CropParams, params.get("crop"), "crop")
     manifest = pd.concat([read_manifest(root / d) for d in _datasets(params)], ignore_index=True)
     metrics = crop_faces(manifest, out, crop)
-    _write_json(out / "crop_metrics.json", metrics)
+    _write_json(out.parent / CROP_METRICS_NAME, metrics)
     return metrics
 
 

@@ -59,7 +59,6 @@ from socialmae.inference import (
     Predictor,
     write_preprocessing,
 )
-from socialmae.io import atomic_write_text
 from socialmae.tracking import resolve_tracking_uri, using_tracking_uri
 from socialmae.train.engine import test_set_fingerprint as test_set_fingerprint  # re-exported
 
@@ -162,7 +161,7 @@ def _signature(predictor: Predictor) -> ModelSignature:
         *(ColSpec("double", column, required=False) for column in predictor.score_columns),
     ]
     params = ParamSchema(
-        [ParamSpec("mode", "string", "multimodal"), ParamSpec("batch_size", "long", 8)]
+        [ParamSpec("mode", "string", predictor.model.mode), ParamSpec("batch_size", "long", 8)]
     )
     return ModelSignature(Schema([ColSpec("string", PATH_COLUMN)]), Schema(outputs), params)
 
@@ -172,7 +171,8 @@ class SocialMAEPyfunc(mlflow.pyfunc.PythonModel):
 
     Output columns: ``path``, ``label`` (classification), ``error`` (the reason a file could
     not be used, else None) and ``prob_<class>`` / ``score_<trait>`` (NaN on error rows).
-    Params: ``mode`` (multimodal, audio, video) and ``batch_size``. The device comes from the
+    Params: ``mode`` (multimodal, audio, video; default: the mode the model was fine-tuned in)
+    and ``batch_size``. The device comes from the
     load-time ``model_config={"device": "cuda"}`` (default cpu).
     """
 
@@ -199,11 +199,14 @@ class SocialMAEPyfunc(mlflow.pyfunc.PythonModel):
         params = params or {}
         paths = [str(p) for p in model_input[PATH_COLUMN].tolist()]
         try:
-            return self.predictor.predict_frame(
-                paths, params.get("mode", "multimodal"), int(params.get("batch_size", 8))
+            frame = self.predictor.predict_frame(
+                paths, params.get("mode") or None, int(params.get("batch_size", 8))
             )
         except ValueError as exc:  # a bad mode or batch size
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+        # Rows of files that failed hold NaN scores; JSON has no NaN (strict parsers reject the
+        # whole response), so they travel as null next to the error string.
+        return frame.astype(object).where(frame.notna(), None)
 
 
 @contextlib.contextmanager
@@ -346,10 +349,6 @@ class PromotionDecision:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def write(self, path: str | os.PathLike[str]) -> Path:
-        """Write the decision as JSON (atomically), e.g. a stage's output file."""
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:

@@ -32,7 +32,7 @@ from socialmae.params import load_yaml
 from socialmae.tasks import TaskSpec, get_task
 from socialmae.tracking import resolve_tracking_uri
 from socialmae.train import metrics
-from socialmae.train.finetune import PREDICTIONS, experiment_name, read_predictions
+from socialmae.train.finetune import PREDICTIONS, experiment_name, mode_dir, read_predictions
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -519,7 +519,7 @@ def _baseline_test(
             )  # fmt: skip
             return result.p_value, result.p_min
         logger.warning("run %s: baseline %s was tested on other clips", run.run_id, baseline)
-    recorded = root / OUTPUTS / "finetune" / run.task / "metrics.json"
+    recorded = mode_dir(root / OUTPUTS / "finetune" / run.task, run.mode) / "metrics.json"
     if recorded.is_file():
         report = json.loads(recorded.read_text())
         primary = metrics.primary_metric(task)
@@ -623,11 +623,13 @@ def paper_table(results: pd.DataFrame, task: str, reference: bool = True) -> pd.
 # ------------------------------------------------------------------------------ outcomes
 
 
-def confusion_table(root: str | os.PathLike[str], task: str) -> pd.DataFrame | None:
-    """Test-set confusion counts of ``outputs/finetune/<task>`` (rows = true class), or None
-    for a regression task or when the stage has not run."""
+def confusion_table(
+    root: str | os.PathLike[str], task: str, mode: str = "multimodal"
+) -> pd.DataFrame | None:
+    """Test-set confusion counts of the ``mode`` model of ``outputs/finetune/<task>`` (rows =
+    true class), or None for a regression task or when the stage has not run."""
     spec = get_task(task)
-    directory = Path(root) / OUTPUTS / "finetune" / task
+    directory = mode_dir(Path(root) / OUTPUTS / "finetune" / task, mode)
     if spec.kind != "classification" or not (directory / PREDICTIONS).is_file():
         return None
     _, targets, outputs = read_predictions(directory, spec)
@@ -636,6 +638,36 @@ def confusion_table(root: str | os.PathLike[str], task: str) -> pd.DataFrame | N
     frame = pd.DataFrame(matrix, index=pd.Index(labels, name="true"),
                          columns=pd.Index(labels, name="predicted"))  # fmt: skip
     return frame
+
+
+def mode_table(root: str | os.PathLike[str], task: str) -> pd.DataFrame | None:
+    """The stage's own Table I for ``task`` (``outputs/finetune/<task>/metrics.json``): per
+    mode, the primary metric on val and on test with its 95% bootstrap CI, and the paired
+    permutation p-value against every other mode on the same test clips; None before the stage
+    has run."""
+    path = Path(root) / OUTPUTS / "finetune" / task / "metrics.json"
+    if not path.is_file():
+        return None
+    table = json.loads(path.read_text())
+    primary, modes = table["primary_metric"], table["modes"]
+    rows = {}
+    for mode in modes:
+        test = table[mode]["test"]
+        low, high = test[f"{primary}_ci95"]
+        row = {
+            "best epoch": table[mode]["best_epoch"],
+            f"val {primary}": f"{table[mode]['val'][primary]:.3f}",
+            f"test {primary} [95% CI]": f"{test[primary]:.3f} [{low:.3f}, {high:.3f}]",
+        }
+        for other in modes:
+            if other == mode:
+                continue
+            pair = table["comparisons"].get(f"{mode}_vs_{other}") or table["comparisons"].get(
+                f"{other}_vs_{mode}"
+            )
+            row[f"p vs {other}"] = f"{pair['p_value']:.3g}"
+        rows[MODE_NAMES.get(mode, mode)] = row
+    return pd.DataFrame.from_dict(rows, orient="index").fillna("")
 
 
 def promotion_decision(root: str | os.PathLike[str], task: str) -> dict[str, Any] | None:

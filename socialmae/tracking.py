@@ -45,6 +45,19 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
+def ensure_experiment(experiment: str, tracking_uri: str | None = None) -> None:
+    """Create the tracking store and ``experiment`` now, before several processes log to it at
+    once (each would otherwise migrate a new sqlite store, or create the experiment, and all
+    but one fail)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    if client.get_experiment_by_name(experiment) is None:
+        with contextlib.suppress(MlflowException):  # another process created it meanwhile
+            client.create_experiment(experiment)
+
+
 def flatten(values: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, Any]:
     """Nested mappings/dataclasses -> ``{"a.b": value}`` with plain values (for log_params)."""
     if dataclasses.is_dataclass(values) and not isinstance(values, type):

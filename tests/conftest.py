@@ -52,14 +52,14 @@ def official_file(tmp_path: Path):
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
-    """A small generated demo set (12 clips, 6 emotions, 4 identities split 2/1/1), cropped
-    into shards once per test session; treat it as read-only."""
+    """A small generated demo set (24 clips: 4 identities split 2/1/1, each saying one sentence
+    in the 6 emotions), cropped into shards once per test session; treat it as read-only."""
     from socialmae.data.crop import CropParams, crop_faces
     from socialmae.data.manifest import read_manifest
     from socialmae.data.sources.demo import prepare_demo
 
     root = tmp_path_factory.mktemp("demo")
-    prepare_demo(root / "raw", clips_per_label=2, identities=4, seconds=2.0, seed=0)
+    prepare_demo(root / "raw", identities=4, sentences=1, seconds=2.0, seed=0)
     crop_faces(read_manifest(root / "raw"), root / "faces", CropParams(workers=1))
     return root / "faces"
 
@@ -68,13 +68,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The demo pipeline made smaller for the test suite (same stages, same code, fewer clips/steps).
 SMALL_PIPELINE = {
-    "download": {"demo": {"clips_per_label": 4, "seconds": 2.0}},
+    "download": {"demo": {"identities": 4, "sentences": 1, "seconds": 2.0, "workers": 1}},
     "crop": {"workers": 1},
     "pretrain": {"epochs": 3, "batch": 4, "workers": 0, "checkpoint_every": 3},
     "finetune": {
-        "defaults": {"epochs": 3, "workers": 0, "bootstrap_resamples": 200, "permutations": 500}
+        "defaults": {"bootstrap_resamples": 200, "permutations": 500},
+        "demo": {"epochs": 3, "eval_every": 1, "patience": None, "parallel_modes": 1},
     },
-    "tune": {"defaults": {"trials": 2, "random_trials": 2, "heartbeat_s": None}},
+    "tune": {
+        "defaults": {"trials": 2, "random_trials": 2, "heartbeat_s": None},
+        "demo": {"enabled": True},
+    },
 }
 
 

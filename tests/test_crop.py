@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +105,12 @@ def test_rerun_skips_finished_shards_and_redoes_changed_ones(cropped):
     manifest = read_manifest(root / "raw")
     again = crop_faces(manifest, out, PARAMS)
     assert again["processed"] == 0 and again["skipped_unchanged"] == len(expected)
+    markers = {p.name: p.read_bytes() for p in out.glob("shard-*.json")}
+    for path in (root / "raw" / "clips").iterdir():  # same bytes, new times (a re-download)
+        os.utime(path, (1e9, 1e9))
+    fourth = crop_faces(manifest, out, dataclasses.replace(PARAMS, workers=PARAMS.workers + 1))
+    assert fourth["processed"] == 0, "same content, same output params: nothing to redo"
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.json")} == markers
     write_clip(root / "raw" / "clips" / "good.webm", seconds=2.5)  # one clip changed
     third = crop_faces(manifest, out, PARAMS)
     assert third["processed"] == PARAMS.clips_per_shard

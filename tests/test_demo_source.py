@@ -12,7 +12,7 @@ import pytest
 from socialmae.data.decode import decode_audio, iter_frames
 from socialmae.data.manifest import read_manifest
 from socialmae.data.sources import demo
-from socialmae.data.sources.splits import check_disjoint
+from socialmae.data.sources.splits import assign_speaker_splits, check_disjoint
 from socialmae.tasks import EMOTIONS
 
 FPS = 25
@@ -21,17 +21,16 @@ SECONDS = 2.0
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
-    """12 clips: 2 per label, 4 identities, 2 s each."""
+    """24 clips: 4 identities, each saying one sentence in all 6 emotions, 2 s each."""
     out = tmp_path_factory.mktemp("demo_small")
-    frame = demo.prepare_demo(out, clips_per_label=2, identities=4, seconds=SECONDS, seed=0)
+    frame = demo.prepare_demo(out, identities=4, sentences=1, seconds=SECONDS, seed=0)
     return out, frame
 
 
 @pytest.fixture(scope="module")
-def learnable(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
-    """24 clips: 4 per label, so every identity speaks every emotion once."""
-    out = tmp_path_factory.mktemp("demo_learn")
-    return demo.prepare_demo(out, clips_per_label=4, identities=4, seconds=SECONDS, seed=1)
+def learnable(small: tuple[Path, pd.DataFrame]) -> pd.DataFrame:
+    """The small set: every identity speaks every emotion once."""
+    return small[1]
 
 
 def _frames(path: str) -> np.ndarray:
@@ -41,9 +40,14 @@ def _frames(path: str) -> np.ndarray:
 
 def test_manifest(small: tuple[Path, pd.DataFrame]) -> None:
     out, frame = small
-    assert len(frame) == 12
+    assert len(frame) == 24
     assert set(frame["dataset"]) == {"demo"}
-    assert frame["label"].value_counts().to_dict() == dict.fromkeys(EMOTIONS, 2)
+    assert frame["label"].value_counts().to_dict() == dict.fromkeys(EMOTIONS, 4)
+    # as in CREMA-D: every identity says its sentence in every emotion
+    per_identity = frame.groupby("speaker")["label"].apply(lambda x: sorted(x)).tolist()
+    assert per_identity == [sorted(EMOTIONS)] * 4
+    sentences = frame.groupby("speaker")["extra"].apply(lambda x: {e["sentence"] for e in x})
+    assert sentences.map(len).eq(1).all()
     assert sorted(frame["speaker"].unique()) == sorted(demo.identity_names(4))
     assert check_disjoint(frame) == []
     per_split = frame.groupby("split")["speaker"].nunique().to_dict()
@@ -74,14 +78,15 @@ def test_decoded_streams(small: tuple[Path, pd.DataFrame]) -> None:
 
 
 def test_mouth_follows_loudness(small: tuple[Path, pd.DataFrame]) -> None:
+    """On the clips whose head stays still (neutral, disgust: no nod, shake, tilt or tremor),
+    the darkness between the lips follows the loudness of the voice."""
     correlations = []
-    for path, speaker in zip(small[1]["abs_path"], small[1]["speaker"], strict=True):
+    still = small[1][small[1]["label"].isin(["neutral", "disgust"])]
+    for path, speaker in zip(still["abs_path"], still["speaker"], strict=True):
         layout = demo.face_layout(speaker)
         (mx, my), h = layout.mouth_center, layout.face_height
         frames = _frames(path)
-        mouth = frames[
-            :, int(my - 0.06 * h) : int(my + 0.22 * h), int(mx - 0.3 * h) : int(mx + 0.3 * h)
-        ]
+        mouth = frames[:, int(my) : int(my + 0.12 * h), int(mx - 0.3 * h) : int(mx + 0.3 * h)]
         darkness = 255.0 - mouth.mean(axis=(1, 2))
         loudness = demo.frame_loudness(decode_audio(path), FPS, len(frames))
         correlations.append(np.corrcoef(darkness, loudness)[0, 1])
@@ -90,7 +95,7 @@ def test_mouth_follows_loudness(small: tuple[Path, pd.DataFrame]) -> None:
 
 def test_deterministic(small: tuple[Path, pd.DataFrame], tmp_path: Path) -> None:
     out, frame = small
-    again = demo.prepare_demo(tmp_path, clips_per_label=2, identities=4, seconds=SECONDS, seed=0)
+    again = demo.prepare_demo(tmp_path, identities=4, sentences=1, seconds=SECONDS, seed=0)
     columns = ["clip_id", "path", "speaker", "split", "label"]
     pd.testing.assert_frame_equal(frame[columns], again[columns])
     assert frame["extra"].tolist() == again["extra"].tolist()
@@ -98,8 +103,8 @@ def test_deterministic(small: tuple[Path, pd.DataFrame], tmp_path: Path) -> None
         a, b = str(out / path), str(tmp_path / path)
         np.testing.assert_array_equal(decode_audio(a), decode_audio(b))
         np.testing.assert_array_equal(_frames(a), _frames(b))
-    other = demo.demo_specs(2, 4, SECONDS, seed=1)
-    assert [s.seed for s in other] != [s.seed for s in demo.demo_specs(2, 4, SECONDS, seed=0)]
+    other = demo.demo_specs(4, 1, SECONDS, seed=1)
+    assert [s.seed for s in other] != [s.seed for s in demo.demo_specs(4, 1, SECONDS, seed=0)]
 
 
 def test_speech_is_deterministic_and_labelled() -> None:
@@ -153,27 +158,29 @@ def _shifts(profiles: np.ndarray) -> np.ndarray:
 
 
 def _video_features(path: str, layout: demo.FaceLayout) -> np.ndarray:
-    """Head shake, drift, nod, turn, jaw activity, brow change: ``[6]``."""
+    """Log of: head shake, nod and jitter, brow, eye and mouth change from the first frames,
+    overall change, cheek change, head displacement: ``[9]``."""
     v = _frames(path)
     sx, sy = _shifts(v.mean(1)), _shifts(v.mean(2))
     h = layout.face_height
     (ex, ey), (mx, my) = layout.eyes.mean(0), layout.mouth_center
+    late = v[-20:].mean(0) - v[:3].mean(0)  # the expression has set in vs. its onset
 
-    def region(cx: float, cy: float, w: float, hh: float) -> np.ndarray:
-        return v[:, int(cy - hh) : int(cy + hh), int(cx - w) : int(cx + w)].mean((1, 2))
+    def change(cx: float, cy: float, w: float, hh: float) -> float:
+        return float(np.abs(late[int(cy - hh) : int(cy + hh), int(cx - w) : int(cx + w)]).mean())
 
-    brow = region(ex, ey - 0.13 * h, 0.3 * h, 0.08 * h)
-    mouth = region(mx, my + 0.05 * h, 0.3 * h, 0.12 * h)
-    return np.array(
-        [
-            np.abs(np.diff(sx)).mean(),
-            sy[-10:].mean() - sy[:5].mean(),
-            np.abs(np.diff(sy)).mean(),
-            sx[-10:].mean() - sx[:5].mean(),
-            mouth.std(),
-            brow[-10:].mean() - brow[:3].mean(),
-        ]
-    )
+    features = [
+        np.abs(np.diff(sx)).mean(),
+        np.abs(np.diff(sy)).mean(),
+        np.abs(np.diff(sx, 2)).mean() + np.abs(np.diff(sy, 2)).mean(),
+        change(ex, ey - 0.13 * h, 0.3 * h, 0.06 * h),
+        change(ex, ey, 0.3 * h, 0.05 * h),
+        change(mx, my, 0.3 * h, 0.06 * h),
+        np.abs(late).mean(),
+        sum(change(mx + d * h, my - 0.1 * h, 0.12 * h, 0.1 * h) for d in (-0.2, 0.2)),
+        abs(sx[-20:].mean() - sx[:3].mean()) + abs(sy[-20:].mean() - sy[:3].mean()),
+    ]
+    return np.log1p(np.array(features))
 
 
 def _loo_nearest_centroid(features: np.ndarray, labels: np.ndarray) -> float:
@@ -207,7 +214,10 @@ def test_labels_learnable_from_video(learnable: pd.DataFrame) -> None:
             for p, s in zip(learnable["abs_path"], learnable["speaker"], strict=True)
         ]
     )
-    assert _loo_nearest_centroid(feats, learnable["label"].to_numpy()) >= 0.5  # chance: 1/6
+    speakers = learnable["speaker"].to_numpy()
+    for speaker in set(speakers):  # as for audio: each face's own neutral point
+        feats[speakers == speaker] -= feats[speakers == speaker].mean(0)
+    assert _loo_nearest_centroid(feats, learnable["label"].to_numpy()) >= 0.6  # chance: 1/6
 
 
 def test_faces_fill_the_frame() -> None:
@@ -223,5 +233,26 @@ def test_faces_fill_the_frame() -> None:
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="identities"):
         demo.prepare_demo(tmp_path, identities=len(demo.IDENTITIES) + 1)
-    with pytest.raises(ValueError, match="clips_per_label"):
-        demo.prepare_demo(tmp_path, clips_per_label=0)
+    with pytest.raises(ValueError, match="sentences"):
+        demo.prepare_demo(tmp_path, sentences=0)
+
+
+def test_splits_hold_out_identities_with_both_voice_kinds() -> None:
+    specs = demo.demo_specs(identities=16, sentences=1)
+    assert len(specs) == 96 and len({s.clip_id for s in specs}) == 96
+    names = demo.identity_names(16)
+    kinds = {n: demo.voice_kind(n) for n in names}
+    assert list(kinds.values()).count("male") == 8
+    for seed in range(3):
+        split = assign_speaker_splits(names, (0.625, 0.1875, 0.1875), seed, kinds)
+        sizes = {s: sorted(kinds[n] for n in names if split[n] == s) for s in set(split.values())}
+        assert {s: len(k) for s, k in sizes.items()} == {"train": 10, "val": 3, "test": 3}
+        assert all({"male", "female"} <= set(k) for k in sizes.values()), sizes
+
+
+def test_a_smaller_set_in_the_same_place_drops_the_clips_it_no_longer_has(tmp_path: Path) -> None:
+    demo.prepare_demo(tmp_path, identities=4, sentences=1, seconds=1.0)
+    frame = demo.prepare_demo(tmp_path, identities=3, sentences=1, seconds=1.0)
+    assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == sorted(
+        Path(p).name for p in frame["path"]
+    )

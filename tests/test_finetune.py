@@ -16,7 +16,14 @@ from socialmae.model import SocialMAE, SocialMAEClassifier, get_preset
 from socialmae.params import ParamsError, from_mapping
 from socialmae.tasks import TRAITS, TaskSpec, get_task
 from socialmae.train.engine import param_groups
-from socialmae.train.finetune import FinetuneParams, finetune, read_predictions, with_overrides
+from socialmae.train.finetune import (
+    FinetuneParams,
+    finetune,
+    finetune_modes,
+    params_for_mode,
+    read_predictions,
+    with_overrides,
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +70,7 @@ def test_finetune_selects_on_val_and_scores_test(demo_shards, pretrained, tmp_pa
     assert low <= test["f1_macro"] <= high
     assert json.loads((out / "metrics.json").read_text()) == result
     ids, _, outputs = read_predictions(out, get_task("demo"))
-    assert len(ids) == len(set(ids)) == 3 and outputs.shape == (3, 6)
+    assert len(ids) == len(set(ids)) == 6 and outputs.shape == (6, 6)
     assert (out / "confusion_matrix.png").stat().st_size > 5_000
 
     init = load_file(str(pretrained / "model.safetensors"))
@@ -105,7 +112,7 @@ def test_head_lr_group_holds_exactly_the_head(pretrained):
 
 
 def test_linear_probe_leaves_the_encoder_untouched(demo_shards, pretrained, tmp_path):
-    params = _params(tmp_path, pretrained, epochs=1, freeze_encoder=True, mode="video")
+    params = _params(tmp_path, pretrained, epochs=1, freeze_encoder=True, modes=["video"])
     finetune(params, "demo", demo_shards, tmp_path / "probe")
     init = load_file(str(pretrained / "model.safetensors"))
     tuned = load_file(str(tmp_path / "probe" / "model" / "model.safetensors"))
@@ -137,7 +144,7 @@ def test_regression_task_with_l1_and_baseline_significance(demo_shards, pretrain
     assert not (tmp_path / "a" / "confusion_matrix.png").exists()
 
     second = finetune(
-        _params(tmp_path, pretrained, epochs=1, mode="audio", baseline=str(tmp_path / "a")),
+        _params(tmp_path, pretrained, epochs=1, modes=["audio"], baseline=str(tmp_path / "a")),
         task, shards, tmp_path / "b",
     )  # fmt: skip
     baseline = second["test"]["baseline"]
@@ -164,3 +171,51 @@ def test_overrides_and_bad_params_name_the_key():
         with_overrides(params, {"epochs": "many"})
     with pytest.raises(ParamsError, match="layer_decay"):
         from_mapping(FinetuneParams, {"layer_decay": 1.5}, "finetune")
+
+
+def test_every_mode_is_scored_on_the_same_clips(demo_shards, pretrained, tmp_path):
+    """The paper's Table I rows: one model per mode (two at a time in processes), a table with
+    val/test per mode, and a paired permutation test for every pair of modes."""
+    params = _params(
+        tmp_path, pretrained, epochs=2, modes=["multimodal", "audio", "video"], parallel_modes=2,
+        by_mode={"video": {"batch": 3, "epochs": 1}},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    table = finetune_modes(params, "demo", demo_shards, out)
+
+    assert table["modes"] == ["multimodal", "audio", "video"]
+    assert json.loads((out / "metrics.json").read_text()) == table
+    for mode in table["modes"]:
+        single = json.loads((out / "modes" / mode / "metrics.json").read_text())
+        assert single["mode"] == mode and single["test_set"] == table["test_set"]
+        assert table[mode]["test"] == single["test"]
+        assert SocialMAEClassifier.from_pretrained(out / "modes" / mode / "model").mode == mode
+    assert json.loads((out / "modes/video/metrics.json").read_text())["steps"] == 12 // 3
+    assert set(table["comparisons"]) == {"multimodal_vs_audio", "multimodal_vs_video",
+                                         "audio_vs_video"}  # fmt: skip
+    first = table["comparisons"]["multimodal_vs_audio"]
+    assert first["difference"] == pytest.approx(
+        table["multimodal"]["test"]["f1_macro"] - table["audio"]["test"]["f1_macro"]
+    )
+    assert 0 < first["p_min"] <= first["p_value"] <= 1
+    history = pd.read_csv(out / "history.csv")
+    assert {"multimodal_train_loss", "audio_val_f1_macro", "video_lr"} <= set(history.columns)
+    assert history["epoch"].tolist() == [0, 1]
+
+
+def test_per_mode_changes_and_early_stopping(demo_shards, pretrained, tmp_path):
+    params = _params(tmp_path, pretrained, by_mode={"video": {"optim": {"lr": 5e-4}}})
+    assert params_for_mode(params, "video").optim.lr == 5e-4
+    assert params_for_mode(params, "audio").optim == params.optim
+    with pytest.raises(ParamsError, match=r"by_mode\.video\.optim\.rate"):
+        params_for_mode(_params(tmp_path, pretrained, by_mode={"video": {"optim": {"rate": 1}}}),
+                        "video")  # fmt: skip
+    with pytest.raises(ParamsError, match="by_mode"):
+        _params(tmp_path, pretrained, by_mode={"smell": {}})
+
+    # a learning rate of ~0 never improves on the first validation: stop after `patience`
+    frozen = _params(tmp_path, pretrained, epochs=10, patience=2, head_lr=1e-12,
+                     optim={"lr": 1e-12, "schedule": "constant"})  # fmt: skip
+    result = finetune(frozen, "demo", demo_shards, tmp_path / "stopped")
+    history = pd.read_csv(tmp_path / "stopped" / "history.csv")
+    assert result["best_epoch"] == 0 and history["epoch"].tolist() == [0, 1, 2]

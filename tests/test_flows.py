@@ -275,7 +275,9 @@ def test_pipeline_flow_runs_stages_through_dvc_and_summarises(
     assert f"Project `{root}`" in markdown
     assert "| download | up to date |" in markdown and "| register@demo | ran |" in markdown
     assert f"| final | {pretrain['steps']} |" in markdown
-    assert f"| demo | multimodal | f1_macro | {finetune['test']['f1_macro']:.4g} |" in markdown
+    for mode in ("multimodal", "audio", "video"):
+        value = finetune[mode]["test"]["f1_macro"]
+        assert f"| demo | {mode} | f1_macro | {value:.4g} |" in markdown
     assert f"| demo | socialmae-demo v{decision['version']} | yes | {decision['outcome']} |" in (
         markdown
     )

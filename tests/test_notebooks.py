@@ -37,7 +37,10 @@ def _images(outputs: list[dict]) -> int:
 
 
 def _files(root: Path) -> set[Path]:
-    return {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
+    """The project's files, Python's bytecode cache aside."""
+    return {
+        p.relative_to(root) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def test_notebooks_are_numbered_and_committed_without_outputs():
@@ -81,13 +84,19 @@ def _check_reconstructions(notebook: nbformat.NotebookNode, root: Path) -> None:
 
 
 def _check_results(notebook: nbformat.NotebookNode, root: Path) -> None:
-    test = json.loads((root / "outputs/finetune/demo/metrics.json").read_text())["test"]
-    low, high = test["f1_macro_ci95"]
+    table = json.loads((root / "outputs/finetune/demo/metrics.json").read_text())
     project = _text(_outputs(notebook, "table-project"))
+    modes = _text(_outputs(notebook, "table-modes"))
     assert "demo" in project and reports.OURS in project
-    # the stage's primary metric and its interval, recomputed from the run's predictions
-    assert f"{test['f1_macro']:.3f} [{low:.3f}, {high:.3f}]" in project
-    assert f"{test['f1_micro']:.3f}" in project and reports.MISSING in project  # no audio run
+    for mode in ("multimodal", "audio", "video"):
+        test = table[mode]["test"]
+        low, high = test["f1_macro_ci95"]
+        # the stage's primary metric and its interval, recomputed from the run's predictions
+        assert f"{test['f1_macro']:.3f} [{low:.3f}, {high:.3f}]" in project, mode
+        assert f"{test['f1_micro']:.3f}" in project
+        assert f"{test['f1_macro']:.3f} [{low:.3f}, {high:.3f}]" in modes, mode
+    p_value = table["comparisons"]["multimodal_vs_audio"]["p_value"]
+    assert f"{p_value:.3g}" in modes
     for tag, paper_row in (("table-cremad", "VAVL [17] (paper)"),
                            ("table-firstimpressions", "NJU-LAMDA [40] (paper)"),
                            ("table-ndcme", "LSN-TCN [4] (paper)")):  # fmt: skip

@@ -55,16 +55,27 @@ def _eval_loss(model: SocialMAE, shards: Path) -> float:
 
 
 def test_pretraining_lowers_the_reconstruction_loss(demo_shards, tmp_path):
-    params, _ = _params(tmp_path, epochs=8)
+    params, _ = _params(tmp_path, epochs=8, split="train")
     torch.manual_seed(params.seed)
     before = _eval_loss(SocialMAE(get_preset("tiny")), demo_shards)
     metrics = pretrain(params, demo_shards, tmp_path / "out")
     after = _eval_loss(SocialMAE.from_pretrained(tmp_path / "out" / "model"), demo_shards)
-    assert metrics["steps"] == 8 * 3  # 6 training clips, batch 2
+    assert metrics["steps"] == 8 * 6  # 12 training clips, batch 2
     assert after < 0.8 * before, (before, after)
+    # the held-out (val) clips, scored before and after with the same masks
+    heldout = metrics["heldout"]
+    assert heldout["split"] == "val" and heldout["clips"] == 6
+    first, last = heldout["before"], heldout["after"]
+    for name in ("audio", "video"):
+        assert last[f"mae_{name}"] < 0.9 * first[f"mae_{name}"], (name, first, last)
+        assert last[f"mae_{name}_mean_baseline"] == pytest.approx(
+            first[f"mae_{name}_mean_baseline"]
+        )
+    assert last["retrieval_chance"] == pytest.approx(1 / 6)
+    assert all(0 <= last[k] <= 1 for k in ("retrieval_v2a", "retrieval_a2v"))
     history = (tmp_path / "out" / "history.csv").read_text().splitlines()
-    assert len(history) == 1 + 24 and history[0].startswith("step,epoch,lr,loss")
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 24
+    assert len(history) == 1 + 48 and history[0].startswith("step,epoch,lr,loss")
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 48
     assert (tmp_path / "out" / "reconstruction.png").stat().st_size > 10_000
 
     import mlflow
@@ -73,7 +84,7 @@ def test_pretraining_lowers_the_reconstruction_loss(demo_shards, tmp_path):
     runs = mlflow.search_runs(experiment_names=["socialmae-pretrain"])
     assert len(runs) == 1 and runs.loc[0, "params.preset"] == "tiny"
     client = mlflow.MlflowClient()
-    assert len(client.get_metric_history(runs.loc[0, "run_id"], "loss")) == 24
+    assert len(client.get_metric_history(runs.loc[0, "run_id"], "loss")) == 48
     artifacts = {a.path for a in client.list_artifacts(runs.loc[0, "run_id"])}
     assert {"reconstruction.png", "history.csv", "model"} <= artifacts
 
@@ -83,7 +94,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_a_killed_run_resumes_to_the_same_weights(demo_shards, tmp_path):
-    params, path = _params(tmp_path, epochs=2, checkpoint_every=1)
+    params, path = _params(tmp_path, epochs=1, checkpoint_every=1)
     reference = tmp_path / "reference"
     pretrain(params, demo_shards, reference)
 
@@ -113,8 +124,8 @@ def _free_port() -> int:
 
 @pytest.mark.integration
 def test_two_process_gloo_ddp_matches_one_process(demo_shards, tmp_path):
-    single, _ = _params(tmp_path / "single", epochs=2, batch=4)
-    _, ddp_path = _params(tmp_path / "ddp", epochs=2, batch=2)
+    single, _ = _params(tmp_path / "single", epochs=1, batch=4)
+    _, ddp_path = _params(tmp_path / "ddp", epochs=1, batch=2)
     pretrain(single, demo_shards, tmp_path / "single" / "out")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
@@ -137,7 +148,7 @@ def test_two_process_gloo_ddp_matches_one_process(demo_shards, tmp_path):
         assert (two[key] - one[key]).norm() < 1e-2 * update, key
     assert trained > 100
     metrics = json.loads((tmp_path / "ddp" / "out" / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == 2
+    assert metrics["world_size"] == 2 and metrics["steps"] == 3  # 12 clips, global batch 4
 
 
 def test_non_finite_loss_stops_with_a_clear_message(demo_shards, tmp_path):

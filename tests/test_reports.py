@@ -258,13 +258,13 @@ def test_baseline_p_value_falls_back_on_the_stages_metrics_json(store, tmp_path)
     run = next(r for r in reports.latest_finetune_runs(uri, ["demo"]) if r.mode == "multimodal")
     report = {"mode": "multimodal", "test": {"f1_macro": run.metrics["test_f1_macro"],
               "baseline": {"p_value": 0.01, "p_min": 0.005}}}  # fmt: skip
-    directory = tmp_path / "outputs/finetune/demo"
+    directory = tmp_path / "outputs/finetune/demo/modes/multimodal"
     directory.mkdir(parents=True)
     (directory / "metrics.json").write_text(json.dumps(report))
     results = reports.results_frame([run], uri, tmp_path)  # the baseline dir is not there
     macro = results.set_index("metric").loc["f1_macro"]
     assert (macro["p_value"], macro["p_min"]) == (0.01, 0.005)
-    report["mode"] = "audio"  # another run's numbers: no p-value
+    report["test"]["f1_macro"] += 0.1  # another run's numbers: no p-value
     (directory / "metrics.json").write_text(json.dumps(report))
     assert reports.results_frame([run], uri, tmp_path)["p_value"].isna().all()
 
@@ -279,10 +279,12 @@ def test_outcomes_of_a_task_without_outputs_are_missing(store, tmp_path):
 
 def test_confusion_table_rows_are_true_classes(tmp_path):
     ids = ["a", "b", "c"]
-    logits = _predictions(tmp_path / "outputs/finetune/demo", 0, ids, np.array([0, 1, 1]))
-    table = reports.confusion_table(tmp_path, "demo")
+    directory = tmp_path / "outputs/finetune/demo/modes/audio"
+    logits = _predictions(directory, 0, ids, np.array([0, 1, 1]))
+    table = reports.confusion_table(tmp_path, "demo", "audio")
     assert list(table.index) == list(EMOTIONS) and table.values.sum() == 3
     assert table.loc["anger", EMOTIONS[logits[0].argmax()]] == 1
+    assert reports.confusion_table(tmp_path, "demo") is None  # no multimodal model
     assert reports.confusion_table(tmp_path, "firstimpressions") is None
 
 

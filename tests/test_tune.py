@@ -111,6 +111,12 @@ def load(url: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=url)
 
 
+def default_storage(out: Path) -> str:
+    """The sqlite URL run_study uses by default for ``out`` (the study directory made)."""
+    (out / "study").mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{out / 'study' / 'optuna.db'}"
+
+
 # --------------------------------------------------------------------------- params
 
 
@@ -201,8 +207,8 @@ def test_best_params_file_and_same_seed_same_trials(tmp_path):
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
         out = tmp_path / name
         result = run_study(quadratic, space, replace(params, seed=seed), "s", out)
-        assert result.ran == 8 and (out / "optuna.db").is_file()
-        study = load(f"sqlite:///{out / 'optuna.db'}", "s")
+        assert result.ran == 8 and (out / "study/optuna.db").is_file()
+        study = load(f"sqlite:///{out / 'study/optuna.db'}", "s")
         runs[name] = [(t.number, t.params, t.state) for t in study.trials]
         assert len(runs[name]) == 8
 
@@ -216,7 +222,7 @@ def test_best_params_file_and_same_seed_same_trials(tmp_path):
         assert best["n_trials"]["complete"] == 8 and sum(best["n_trials"].values()) == 8
         assert best["direction"] == "maximize" and best["study"] == "s"
 
-        table = pd.read_csv(out / "trials.csv")
+        table = pd.read_csv(out / "study/trials.csv")
         assert list(table["number"]) == list(range(8))
         assert {"state", "value", "params_lr", "params_batch", "params_pool"} <= set(table)
         assert table["value"].max() == pytest.approx(top.value)
@@ -229,7 +235,7 @@ def test_best_params_file_and_same_seed_same_trials(tmp_path):
 def test_median_pruner_prunes_bad_trials(tmp_path):
     params, space = tune(trials=12, pruner={"kind": "median", "startup_trials": 2})
     result = run_study(quadratic, space, params, "pruned", tmp_path)
-    study = load(f"sqlite:///{tmp_path / 'optuna.db'}", "pruned")
+    study = load(default_storage(tmp_path), "pruned")
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
     assert pruned and result.n_trials["pruned"] == len(pruned)
     assert result.n_trials["complete"] + result.n_trials["pruned"] == 12
@@ -240,7 +246,7 @@ def test_median_pruner_prunes_bad_trials(tmp_path):
 def test_worker_waits_for_running_trials_and_stops_on_failures(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="socialmae")
     params, space = tune(trials=2, pruner={"kind": "none"})
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    url = default_storage(tmp_path)
     study = optuna.create_study(storage=url, study_name="wait", direction="maximize")
     elsewhere = study.ask()  # a trial held by "another worker"
     elsewhere.suggest_float("lr", 1e-5, 1e-2, log=True)
@@ -269,7 +275,7 @@ def test_worker_waits_for_running_trials_and_stops_on_failures(tmp_path, caplog)
 
 def test_a_trial_started_past_the_target_is_released_unrun(tmp_path, monkeypatch):
     params, space = tune(trials=2, pruner={"kind": "none"})
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    url = default_storage(tmp_path)
     study = optuna.create_study(storage=url, study_name="race", direction="maximize")
     lr = optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)
     study.add_trial(
@@ -383,7 +389,7 @@ def test_trials_are_nested_mlflow_runs(tmp_path):
 def test_storage_resolution_keeps_passwords_out_of_logs(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="socialmae")
     monkeypatch.delenv(STORAGE_ENV, raising=False)
-    assert resolve_storage(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'optuna.db'}"
+    assert resolve_storage(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'study/optuna.db'}"
     with pytest.raises(TuneError, match=STORAGE_ENV):
         resolve_storage(None, None)
 

@@ -208,13 +208,27 @@ def _worker_init(params: CropParams) -> None:
     _detector(params)
 
 
+_UNSIGNED_PARAMS = ("workers",)  # how the work is spread, not what it produces
+
+
 def _signature(rows: pd.DataFrame, params: CropParams) -> str:
-    h = hashlib.sha256(json.dumps(asdict(params), sort_keys=True).encode())
+    """What a shard was made from: the params that shape the output and each clip's id, path
+    and content. The content, not the modification time: the marker lives in the tracked
+    output, so a source rewritten with the same bytes must leave it unchanged."""
+    settings = {k: v for k, v in asdict(params).items() if k not in _UNSIGNED_PARAMS}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for clip_id, path in zip(rows["clip_id"], rows["abs_path"], strict=True):
-        stat = os.stat(path) if os.path.exists(path) else None
-        h.update(f"{clip_id}\0{path}\0{stat.st_size if stat else -1}\0"
-                 f"{stat.st_mtime_ns if stat else -1}\n".encode())  # fmt: skip
+        h.update(f"{clip_id}\0{path}\0{_file_digest(path)}\n".encode())
     return h.hexdigest()
+
+
+def _file_digest(path: str) -> str:
+    """BLAKE2b of the file's bytes (cheap next to decoding it), or ``missing``."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "blake2b").hexdigest()
+    except FileNotFoundError:
+        return "missing"
 
 
 def crop_faces(manifest: pd.DataFrame, out_dir: str | os.PathLike[str], params: CropParams) -> dict:

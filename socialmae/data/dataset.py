@@ -10,6 +10,7 @@ frames in RGB (or the reference's BGR). Randomness comes from a per-item generat
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -25,7 +26,12 @@ from socialmae.data.clips import CLIPS_TABLE
 from socialmae.data.crop import CropParams, process_clip
 from socialmae.data.decode import SAMPLE_RATE
 from socialmae.data.errors import MediaError
-from socialmae.data.features import fbank, frames_to_video, normalize_fbank
+from socialmae.data.features import (
+    frames_to_video,
+    log_mel,
+    normalize_fbank,
+    pad_frames,
+)
 from socialmae.data.shards import ShardReader, decode_jpeg
 from socialmae.model.config import SocialMAEConfig, get_preset
 from socialmae.tasks import TaskSpec
@@ -47,14 +53,92 @@ class ClipSampling:
             raise ValueError(f"audio_window must be aligned or clip, got {self.audio_window!r}")
 
 
+AugmentScope = Literal["audio", "window"]
+
+
 @dataclass(frozen=True)
 class Augment:
-    """Fine-tuning augmentation (CAV-MAE's: freqm 48, timem 192, noise, mixup 0.5)."""
+    """Fine-tuning augmentation.
+
+    Audio (on the fbank): SpecAugment masks, a shift along the mel axis, noise and a time roll.
+    With ``scope: audio`` they act on the clip's real audio frames only and the time mask is
+    scaled to the share of the window the audio fills; ``scope: window`` is the CAV-MAE
+    reference recipe (freqm 48, timem 192, noise, mixup 0.5 over all 1024 frames, padding
+    included). Video (on the face frames, the same for every frame of a clip): a random
+    square crop and a left-right mirror.
+    """
 
     freqm: int = 0  # widest frequency mask, in mel bins
-    timem: int = 0  # widest time mask, in frames
+    timem: int = 0  # widest time mask, in frames of a full window (see scope)
     noise: bool = False  # small uniform noise and a random time roll of the fbank
+    freq_shift: int = 0  # widest shift of the spectrum along the mel axis, in bins
     mixup: float = 0.0  # probability of mixing with another clip (lambda ~ Beta(10, 10))
+    flip: bool = False  # mirror half the clips left-right
+    crop_scale: float = 1.0  # smallest side of the random square crop (fraction; 1: no crop)
+    scope: AugmentScope = "audio"
+
+    def __post_init__(self) -> None:
+        for name in ("freqm", "timem", "freq_shift"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.mixup <= 1:
+            raise ValueError(f"mixup must be in [0, 1], got {self.mixup}")
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
+        if self.scope not in ("audio", "window"):
+            raise ValueError(f"scope must be audio or window, got {self.scope!r}")
+
+
+def augment_fbank(
+    feats: torch.Tensor,
+    real: int,
+    augment: Augment,
+    rng: np.random.Generator,
+    stats: tuple[float, float],
+) -> torch.Tensor:
+    """Augment and normalise a raw fbank ``[L, mel]`` whose first ``real`` frames are audio.
+
+    Returns the normalised ``[L, mel]`` (``(x - mean) / std`` with ``stats``).
+    """
+    length, mel = feats.shape
+    span = length if augment.scope == "window" else max(1, min(real, length))
+    feats = feats.clone()
+    region = feats[:span]  # a view: edits land in feats
+    if augment.freq_shift > 0:
+        shift = int(rng.integers(-augment.freq_shift, augment.freq_shift + 1))
+        if shift:
+            region.copy_(torch.roll(region, shift, dims=1))
+            edge = slice(0, shift) if shift > 0 else slice(mel + shift, mel)
+            region[:, edge] = region[:, shift if shift > 0 else mel + shift - 1, None]
+    if augment.freqm > 0:
+        width = int(rng.integers(0, augment.freqm))
+        first = int(rng.integers(0, mel - width + 1))
+        region[:, first : first + width] = 0
+    if augment.timem > 0:
+        widest = augment.timem if augment.scope == "window" else augment.timem * span / length
+        width = int(rng.integers(0, max(1, round(widest))))
+        first = int(rng.integers(0, span - width + 1))
+        region[first : first + width] = 0
+    mean, std = stats
+    feats = normalize_fbank(feats, mean, std)
+    if augment.noise:
+        region = feats[:span]
+        noise = torch.from_numpy(rng.random(region.shape, dtype=np.float32))
+        region.add_(noise * (float(rng.random()) / 10))
+        region.copy_(torch.roll(region, int(rng.integers(-span, span)), dims=0))
+    return feats
+
+
+def crop_region(
+    side: int, augment: Augment, rng: np.random.Generator
+) -> tuple[tuple[int, int, int] | None, bool]:
+    """The random square ``(x, y, side)`` (None: the whole frame) and mirror flag of a clip."""
+    region = None
+    if augment.crop_scale < 1:
+        crop = round(side * float(rng.uniform(augment.crop_scale, 1.0)))
+        x, y = (int(v) for v in rng.integers(0, side - crop + 1, size=2))
+        region = (x, y, crop)
+    return region, bool(augment.flip and rng.random() < 0.5)
 
 
 @dataclass
@@ -93,14 +177,25 @@ def _tile(audio: np.ndarray, start: float, seconds: float) -> np.ndarray:
     return audio[index] if index is not None else audio[first : first + need]
 
 
+@dataclass
+class ClipWindow:
+    """The part of a clip the model sees."""
+
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    audio: np.ndarray  # [N] at 16 kHz
+    times: np.ndarray  # [T] seconds of the frames in the clip
+    frame_index: np.ndarray  # [T] positions of the frames among the stored ones
+    start: float  # seconds
+
+
 def sample_clip(
     clip: _Clip,
     config: SocialMAEConfig,
     sampling: ClipSampling,
     train: bool,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Pick the window: frames ``[T, H, W, 3]``, audio ``[N]``, times ``[T]``, frame indices."""
+) -> ClipWindow:
+    """Pick the window: ``config.num_frames`` frames spread over it and its audio."""
     meta = clip.meta
     duration = float(meta["duration"])
     times_stored = np.asarray(meta["times"], dtype=np.float64)
@@ -114,7 +209,7 @@ def sample_clip(
         audio = _tile(clip.audio, start, sampling.window_seconds)
     else:
         audio = clip.audio[: int(REFERENCE_AUDIO_SECONDS * SAMPLE_RATE)]
-    return frames, audio, times_stored[index], index
+    return ClipWindow(frames, audio, times_stored[index], index, start)
 
 
 def to_inputs(
@@ -124,32 +219,32 @@ def to_inputs(
     rng: np.random.Generator | None = None,
     augment: Augment | None = None,
     fbank_stats: tuple[float, float] | None = None,
+    feats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frames ``[T, H, W, 3]`` uint8 and audio ``[N]`` -> fbank ``[1024, 128]``, video
-    ``[3, T, H, W]`` (normalised with ``fbank_stats`` or the config's statistics)."""
-    if frames.shape[1] != config.image_size or frames.shape[2] != config.image_size:
-        raise ValueError(f"frames are {frames.shape[1:3]}, the model takes {config.image_size}")
-    feats = fbank(audio, config.num_mel_bins, config.audio_length)  # [1024, 128]
+    """Frames ``[T, H, W, 3]`` uint8 and audio ``[N]`` -> fbank ``[L, mel]`` (``L`` the config's
+    ``audio_length``), video ``[3, T, S, S]`` (``S`` its ``image_size``; other frame sizes are
+    resized), normalised with ``fbank_stats`` or the config's statistics. ``feats`` is the
+    raw log-mel of ``audio`` when the caller already has it."""
+    if frames.shape[1] != frames.shape[2]:
+        raise ValueError(f"face frames must be square, got {frames.shape[1:3]}")
+    feats = log_mel(audio, config.num_mel_bins) if feats is None else feats
+    real = feats.shape[0]
+    feats = pad_frames(feats, config.audio_length)  # [L, mel]
+    stats = fbank_stats or (config.fbank_mean, config.fbank_std)
     if augment is not None and rng is not None:
-        for axis, widest in ((1, augment.freqm), (0, augment.timem)):
-            if widest > 0:
-                width = int(rng.integers(0, widest))
-                first = int(rng.integers(0, feats.shape[axis] - width + 1))
-                feats.narrow(axis, first, width).zero_()
-    mean, std = fbank_stats or (config.fbank_mean, config.fbank_std)
-    feats = normalize_fbank(feats, mean, std)
-    if augment is not None and rng is not None and augment.noise:
-        feats = feats + torch.from_numpy(rng.random(feats.shape, dtype=np.float32)) * (
-            float(rng.random()) / 10
-        )
-        feats = torch.roll(feats, int(rng.integers(-feats.shape[0], feats.shape[0])), dims=0)
-    return feats, frames_to_video(frames, config.channel_order)
+        feats = augment_fbank(feats, real, augment, rng, stats)
+        region, flip = crop_region(frames.shape[1], augment, rng)
+    else:
+        feats, region, flip = normalize_fbank(feats, *stats), None, False
+    video = frames_to_video(frames, config.channel_order, config.image_size, region, flip)
+    return feats, video
 
 
 class ShardDataset(torch.utils.data.Dataset):
     """Clips of the shards written by ``crop_faces`` as model inputs.
 
-    Items are dicts: ``audio [1024, 128]``, ``video [3, T, 224, 224]``, ``target [C]`` (one-hot,
+    Items are dicts: ``audio [L, 128]``, ``video [3, T, S, S]`` (``L = config.audio_length``,
+    ``S = config.image_size``; larger crops are resized), ``target [C]`` (one-hot,
     possibly mixed, for classification; trait scores for regression; empty when unlabelled),
     ``label`` (class index, -1 when none), ``clip_id`` and ``index`` (position in the dataset).
     """
@@ -166,6 +261,7 @@ class ShardDataset(torch.utils.data.Dataset):
         accepted: set[str] | None = None,
         fbank_stats: tuple[float, float] | None = None,
         seed: int = 0,
+        cache: bool = False,
     ) -> None:
         self.dir = Path(shard_dir)
         table_path = self.dir / CLIPS_TABLE
@@ -188,7 +284,20 @@ class ShardDataset(torch.utils.data.Dataset):
         self.fbank_stats = fbank_stats
         self.seed = seed
         self.epoch = 0
+        self.cache = cache
         self._readers: dict[str, ShardReader] = {}
+        self._clips: dict[int, _Clip] = {}
+        self._log_mel: dict[tuple[int, float], torch.Tensor] = {}
+        if len(self.table):
+            size = min(self.clip(0).frame(0).shape[:2])
+            self._readers.clear()  # no open files shared with forked loader workers
+            self._clips.clear()
+            if size < config.image_size:
+                raise MediaError(
+                    self.dir,
+                    f"face crops are {size} px, smaller than the model's image_size "
+                    f"{config.image_size}: crop again with crop.image_size >= {config.image_size}",
+                )
 
     def __len__(self) -> int:
         return len(self.table)
@@ -203,14 +312,24 @@ class ShardDataset(torch.utils.data.Dataset):
         return self._readers[shard]
 
     def clip(self, index: int) -> _Clip:
+        """Clip ``index`` as stored; with ``cache`` decoded frames stay in memory (per process)."""
+        if index in self._clips:
+            return self._clips[index]
         row = self.table.iloc[index]
         reader = self._reader(row["shard"])
         clip_id = row["clip_id"]
-        return _Clip(
+
+        def frame(i: int) -> np.ndarray:
+            return reader.frame(clip_id, i)
+
+        clip = _Clip(
             meta=reader.meta(clip_id),
             audio=reader.audio(clip_id),
-            frame=lambda i: reader.frame(clip_id, i),
+            frame=functools.cache(frame) if self.cache else frame,
         )
+        if self.cache:
+            self._clips[index] = clip
+        return clip
 
     def _target(self, row: pd.Series) -> tuple[torch.Tensor, int]:
         if self.task is None:
@@ -223,23 +342,31 @@ class ShardDataset(torch.utils.data.Dataset):
             target[label] = 1.0
         return target, label
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        clip = self.clip(index)
-        frames, audio, _, _ = sample_clip(clip, self.config, self.sampling, self.train, rng)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Item ``key``: an index (at the epoch of :meth:`set_epoch`) or ``(epoch, index)``."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        rng = np.random.default_rng((self.seed, epoch, index))
+        window = sample_clip(self.clip(index), self.config, self.sampling, self.train, rng)
+        frames, audio = window.frames, window.audio
         target, label = self._target(self.table.iloc[index])
         augment = self.augment if self.train else None
+        feats = None
         if augment is not None and augment.mixup > 0 and rng.random() < augment.mixup:
             other = int(rng.integers(0, len(self)))
-            o_frames, o_audio, _, _ = sample_clip(
-                self.clip(other), self.config, self.sampling, self.train, rng
-            )
+            mate = sample_clip(self.clip(other), self.config, self.sampling, self.train, rng)
             lam = float(rng.beta(10, 10))
-            n = min(audio.size, o_audio.size)
-            audio = lam * audio[:n] + (1 - lam) * o_audio[:n]
-            frames = (lam * frames + (1 - lam) * o_frames).round().astype(np.uint8)
+            n = min(audio.size, mate.audio.size)
+            audio = lam * audio[:n] + (1 - lam) * mate.audio[:n]
+            frames = (lam * frames + (1 - lam) * mate.frames).round().astype(np.uint8)
             target = lam * target + (1 - lam) * self._target(self.table.iloc[other])[0]
-        feats, video = to_inputs(frames, audio, self.config, rng, augment, self.fbank_stats)
+        elif self.cache:
+            key = (index, window.start)
+            if key not in self._log_mel:
+                self._log_mel[key] = log_mel(audio, self.config.num_mel_bins)
+            feats = self._log_mel[key]
+        feats, video = to_inputs(
+            frames, audio, self.config, rng, augment, self.fbank_stats, feats=feats
+        )
         return {
             "audio": feats,
             "video": video,
@@ -255,10 +382,7 @@ def fbank_statistics(dataset: ShardDataset, max_clips: int | None = None) -> tup
     total = total_sq = count = 0.0
     n = len(dataset) if max_clips is None else min(len(dataset), max_clips)
     for index in range(n):
-        clip = dataset.clip(index)
-        frames = max(1, int(len(clip.audio) / SAMPLE_RATE * 100) - 2)
-        feats = fbank(clip.audio, dataset.config.num_mel_bins, dataset.config.audio_length)
-        feats = feats[: min(frames, feats.shape[0])].double()
+        feats = log_mel(dataset.clip(index).audio, dataset.config.num_mel_bins).double()
         total += float(feats.sum())
         total_sq += float((feats**2).sum())
         count += feats.numel()
@@ -292,7 +416,9 @@ def load_clip(
         raise MediaError(path, record.reason)
     clip = _Clip(sample.meta, sample.audio, lambda i: decode_jpeg(sample.frames[i]))
     rng = np.random.default_rng(0)
-    frames, audio, times, index = sample_clip(clip, config, sampling, False, rng)
-    feats, video = to_inputs(frames, audio, config)
-    boxes = np.asarray(sample.meta["boxes"], dtype=np.float64)[index]
-    return ClipInputs(audio=feats, video=video, times=times, boxes=boxes, clip_id=row["clip_id"])
+    window = sample_clip(clip, config, sampling, False, rng)
+    feats, video = to_inputs(window.frames, window.audio, config)
+    boxes = np.asarray(sample.meta["boxes"], dtype=np.float64)[window.frame_index]
+    return ClipInputs(
+        audio=feats, video=video, times=window.times, boxes=boxes, clip_id=row["clip_id"]
+    )

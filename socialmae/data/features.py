@@ -16,25 +16,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def fbank(
-    waveform: np.ndarray | torch.Tensor,
-    num_mel_bins: int = 128,
-    target_length: int = 1024,
-    sample_rate: int = SAMPLE_RATE,
+def log_mel(
+    waveform: np.ndarray | torch.Tensor, num_mel_bins: int = 128, sample_rate: int = SAMPLE_RATE
 ) -> torch.Tensor:
-    """Log-mel filterbank as in CAV-MAE / Social-MAE, padded or cut to ``target_length``.
+    """Log-mel filterbank as in CAV-MAE / Social-MAE, unpadded and unnormalised.
 
     Args:
         waveform: ``[N]`` mono samples at ``sample_rate``.
     Returns:
-        ``[target_length, num_mel_bins]`` (10 ms frames, 25 ms Hanning windows), unnormalised.
+        ``[frames, num_mel_bins]`` (10 ms frames, 25 ms Hanning windows; at least one frame).
     """
     wav = torch.as_tensor(waveform, dtype=torch.float32).reshape(1, -1)
     wav = wav - wav.mean()
     min_samples = int(0.025 * sample_rate)
     if wav.shape[1] < min_samples:  # kaldi needs one full window
         wav = torch.nn.functional.pad(wav, (0, min_samples - wav.shape[1]))
-    feats = torchaudio.compliance.kaldi.fbank(
+    return torchaudio.compliance.kaldi.fbank(
         wav,
         htk_compat=True,
         sample_frequency=sample_rate,
@@ -43,11 +40,25 @@ def fbank(
         num_mel_bins=num_mel_bins,
         dither=0.0,
         frame_shift=10,
-    )  # [frames, mel]
+    )
+
+
+def pad_frames(feats: torch.Tensor, target_length: int) -> torch.Tensor:
+    """``[frames, mel]`` zero-padded (or cut) to ``[target_length, mel]``, as the reference."""
     frames = feats.shape[0]
     if frames < target_length:
         feats = torch.nn.functional.pad(feats, (0, 0, 0, target_length - frames))
     return feats[:target_length]
+
+
+def fbank(
+    waveform: np.ndarray | torch.Tensor,
+    num_mel_bins: int = 128,
+    target_length: int = 1024,
+    sample_rate: int = SAMPLE_RATE,
+) -> torch.Tensor:
+    """:func:`log_mel` padded or cut to ``[target_length, num_mel_bins]``, unnormalised."""
+    return pad_frames(log_mel(waveform, num_mel_bins, sample_rate), target_length)
 
 
 def normalize_fbank(feats: torch.Tensor, mean: float, std: float) -> torch.Tensor:
@@ -55,24 +66,45 @@ def normalize_fbank(feats: torch.Tensor, mean: float, std: float) -> torch.Tenso
     return (feats - mean) / std
 
 
-def frames_to_video(frames: np.ndarray, channel_order: str = "RGB") -> torch.Tensor:
+def frames_to_video(
+    frames: np.ndarray | torch.Tensor,
+    channel_order: str = "RGB",
+    size: int | None = None,
+    region: tuple[int, int, int] | None = None,
+    flip: bool = False,
+) -> torch.Tensor:
     """Face crops to the model's video layout.
 
     Args:
         frames: ``[T, H, W, 3]`` RGB uint8.
         channel_order: ``RGB`` or ``BGR`` (the released Social-MAE weights saw BGR frames
             normalised with the RGB ImageNet statistics, as the reference did).
+        size: side the model takes; frames of another size are resized (antialiased).
+        region: ``(x, y, side)`` square to cut from every frame first (augmentation).
+        flip: mirror left-right (augmentation).
     Returns:
-        ``[3, T, H, W]`` float32, ImageNet-normalised.
+        ``[3, T, size, size]`` float32, ImageNet-normalised.
     """
-    video = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0)  # [T, H, W, 3]
-    if channel_order == "BGR":
-        video = video.flip(-1)
-    elif channel_order != "RGB":
+    if channel_order not in ("RGB", "BGR"):
         raise ValueError(f"channel_order must be RGB or BGR, got {channel_order!r}")
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 1, 1, 3)
-    std = torch.tensor(IMAGENET_STD).view(1, 1, 1, 3)
-    return ((video - mean) / std).permute(3, 0, 1, 2).contiguous()
+    video = (
+        torch.as_tensor(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    )  # [T, 3, H, W]
+    if region is not None:
+        x, y, side = region
+        video = video[:, :, y : y + side, x : x + side]
+    if flip:
+        video = video.flip(-1)
+    if size is not None and video.shape[-1] != size:
+        video = torch.nn.functional.interpolate(
+            video, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+    video = video.div_(255.0)
+    if channel_order == "BGR":
+        video = video.flip(1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((video - mean) / std).permute(1, 0, 2, 3).contiguous()
 
 
 def video_to_frames(video: torch.Tensor, channel_order: str = "RGB") -> np.ndarray:

@@ -143,6 +143,20 @@ PRESETS: dict[str, SocialMAEConfig] = {
         decoder_num_heads=2,
         mlp_ratio=2.0,
     ),
+    # The offline demo's model: tiny's widths on 112-pixel faces and 3.04 s of audio (the
+    # demo's 3 s window), so that pretraining and three fine-tunings fit minutes on 2 cores.
+    "demo": SocialMAEConfig(
+        audio_length=304,
+        image_size=112,
+        embed_dim=64,
+        num_heads=4,
+        modality_depth=2,
+        joint_depth=1,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        mlp_ratio=2.0,
+    ),
 }
 
 

@@ -456,7 +456,11 @@ class SocialMAE(SocialMAEEncoder):
 
 
 class SocialMAEClassifier(SocialMAEEncoder):
-    """Fine-tuning model: the encoder, mean pooling and ``mlp_head`` (LayerNorm + Linear)."""
+    """Fine-tuning model: the encoder, mean pooling and ``mlp_head`` (LayerNorm + Linear).
+
+    ``mode`` is the input mode the head was trained for (multimodal, audio or video); it is
+    the default of :meth:`forward` and is saved with the model.
+    """
 
     def __init__(
         self,
@@ -464,8 +468,12 @@ class SocialMAEClassifier(SocialMAEEncoder):
         num_outputs: int,
         task: Task = "classification",
         labels: tuple[str, ...] | None = None,
+        mode: Mode = "multimodal",
     ) -> None:
         super().__init__(config)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode: Mode = mode
         if num_outputs < 1:
             raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
         if task not in ("classification", "regression"):
@@ -488,10 +496,11 @@ class SocialMAEClassifier(SocialMAEEncoder):
         num_outputs: int,
         task: Task = "classification",
         labels: tuple[str, ...] | None = None,
+        mode: Mode = "multimodal",
         **overrides: Any,
     ) -> Self:
         """A freshly initialised classifier/regressor on a named preset."""
-        return cls(get_preset(name, **overrides), num_outputs, task, labels)
+        return cls(get_preset(name, **overrides), num_outputs, task, labels, mode)
 
     def architecture(self) -> dict[str, Any]:
         return {
@@ -499,13 +508,15 @@ class SocialMAEClassifier(SocialMAEEncoder):
             "num_outputs": self.num_outputs,
             "task": self.task,
             "labels": list(self.labels) if self.labels is not None else None,
+            "mode": self.mode,
         }
 
     def forward(
-        self, audio: torch.Tensor | None, video: torch.Tensor | None, mode: Mode = "multimodal"
+        self, audio: torch.Tensor | None, video: torch.Tensor | None, mode: Mode | None = None
     ) -> torch.Tensor:
-        """Logits (or regression outputs) ``[B, num_outputs]``."""
-        return self.mlp_head(self.embed(audio, video, mode))
+        """Logits (or regression outputs) ``[B, num_outputs]``; ``mode`` defaults to the
+        trained one."""
+        return self.mlp_head(self.embed(audio, video, mode or self.mode))
 
 
 def _init_module(module: nn.Module) -> None:

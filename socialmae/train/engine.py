@@ -180,13 +180,15 @@ def sample_generators(
     ]
 
 
-class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
+class GlobalBatchSampler(torch.utils.data.Sampler[list[Any]]):
     """Yields this rank's share of each global batch, in a seeded per-epoch order.
 
     Global batch ``k`` of epoch ``e`` is ``perm_e[k*G:(k+1)*G]`` with ``G = world * batch``;
     rank ``r`` takes its ``r``-th slice. The last incomplete global batch is dropped when
     training (every rank must step together) and padded by nobody in evaluation (ranks may get
-    fewer items). ``start`` skips batches already done in a resumed epoch.
+    fewer items). ``start`` skips batches already done in a resumed epoch. With ``with_epoch``
+    the keys are ``(epoch, index)`` pairs, so a dataset in persistent loader workers (which
+    never see ``set_epoch`` calls made in the main process) still knows the epoch.
     """
 
     def __init__(
@@ -198,11 +200,13 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
+        with_epoch: bool = False,
     ) -> None:
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         self.size, self.batch, self.rank, self.world = size, batch, rank, world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.with_epoch = with_epoch
         self.epoch = 0
         self.start = 0
 
@@ -219,14 +223,14 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
             return np.arange(self.size)
         return np.random.default_rng((self.seed, self.epoch)).permutation(self.size)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[Any]]:
         order = self.order()
         global_batch = self.batch * self.world
         for k in range(self.start, len(self)):
             chunk = order[k * global_batch : (k + 1) * global_batch]
             mine = chunk[self.rank * self.batch : (self.rank + 1) * self.batch]
             if len(mine):
-                yield [int(i) for i in mine]
+                yield [(self.epoch, int(i)) if self.with_epoch else int(i) for i in mine]
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,10 +31,10 @@ from socialmae.checkpoints import initialize_from, load_checkpoint
 from socialmae.data.dataset import Augment, ClipSampling, ShardDataset, fbank_statistics
 from socialmae.io import atomic_write, atomic_write_csv, atomic_write_text
 from socialmae.model import SocialMAEClassifier, get_preset
-from socialmae.model.social_mae import Mode
-from socialmae.params import from_mapping
+from socialmae.model.social_mae import MODES, Mode
+from socialmae.params import deep_merge, from_mapping
 from socialmae.tasks import TaskSpec, get_task
-from socialmae.tracking import Tracker
+from socialmae.tracking import Tracker, ensure_experiment
 from socialmae.train import distributed, metrics
 from socialmae.train.engine import (
     Checkpointer,
@@ -62,6 +64,12 @@ def experiment_name(task: str) -> str:
 
 
 PREDICTIONS = "predictions.parquet"
+MODES_DIR = "modes"  # finetune_modes: one directory per mode
+
+
+def mode_dir(out: str | os.PathLike[str], mode: str) -> Path:
+    """Where :func:`finetune_modes` writing into ``out`` puts the ``mode`` model's outputs."""
+    return Path(out) / MODES_DIR / mode
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,9 @@ class FinetuneParams:
 
     preset: str = "social-mae-base"  # used only without ``init``
     init: str | None = None  # pretrained model directory or official .pth; null: from scratch
-    mode: Mode = "multimodal"  # multimodal, audio or video
+    modes: tuple[Mode, ...] = ("multimodal",)  # each is fine-tuned and scored; the first is tuned
+    by_mode: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-mode changes, e.g.
+    # {"video": {"batch": 4, "optim": {"lr": 5e-4}}}: modalities learn at different speeds
     epochs: int = 20
     batch: int = 8  # clips per process
     optim: OptimParams = field(default_factory=lambda: OptimParams(lr=1e-4, schedule="constant"))
@@ -78,6 +88,8 @@ class FinetuneParams:
     layer_decay: float | None = None  # e.g. 0.75: lr x decay^(depth from the top)
     freeze_encoder: bool = False  # linear probe: only the head trains
     label_smoothing: float = 0.0  # classification
+    eval_every: int = 1  # epochs between validations (and checkpoints); the last is always scored
+    patience: int | None = None  # stop after this many epochs without a better validation score
     augment: Augment = field(default_factory=Augment)
     sampling: ClipSampling = field(default_factory=ClipSampling)
     fbank_stats: Literal["checkpoint", "train"] = "checkpoint"  # or recompute on the train split
@@ -87,12 +99,29 @@ class FinetuneParams:
     precision: Precision = "auto"
     device: str = "auto"
     workers: int = 2
+    cache: bool = False  # keep decoded clips in memory in each loader process (small sets)
+    parallel_modes: int = 1  # modes fine-tuned at once in separate processes (CPU, one process
+    # per group of cores); on GPUs and under torchrun the modes run one after the other
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch"):
+        if not isinstance(self.by_mode, dict) or not all(
+            isinstance(v, dict) for v in self.by_mode.values()
+        ):
+            raise ValueError(f"by_mode must map modes to mappings, got {self.by_mode!r}")
+        unknown = sorted(set(self.by_mode) - set(MODES))
+        if unknown:
+            raise ValueError(f"by_mode: {unknown[0]!r} is not one of {list(MODES)}")
+        if not self.modes or len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"modes must be distinct and not empty, got {list(self.modes)}")
+        for mode in self.modes:
+            if mode not in MODES:
+                raise ValueError(f"modes: {mode!r} is not one of {list(MODES)}")
+        for name in ("epochs", "batch", "eval_every", "parallel_modes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or null, got {self.patience}")
         if self.head_lr <= 0:
             raise ValueError(f"head_lr must be positive, got {self.head_lr}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
@@ -119,6 +148,15 @@ def with_overrides(params: FinetuneParams, overrides: Mapping[str, Any]) -> Fine
     return from_mapping(FinetuneParams, _lists_to_tuples(values), "finetune")
 
 
+def params_for_mode(params: FinetuneParams, mode: Mode) -> FinetuneParams:
+    """``params`` with ``params.by_mode[mode]`` deep-merged on top (validated like params.yaml;
+    the result has no ``by_mode`` of its own)."""
+    values = asdict(params)
+    values["by_mode"] = {}
+    merged = deep_merge(values, params.by_mode.get(mode, {}))
+    return from_mapping(FinetuneParams, _lists_to_tuples(merged), f"finetune.by_mode.{mode}")
+
+
 def _lists_to_tuples(values: Any) -> Any:
     if isinstance(values, dict):
         return {k: _lists_to_tuples(v) for k, v in values.items()}
@@ -128,13 +166,15 @@ def _lists_to_tuples(values: Any) -> Any:
 # ----------------------------------------------------------------------------- model
 
 
-def build_classifier(params: FinetuneParams, task: TaskSpec) -> SocialMAEClassifier:
-    """A classifier for ``task``: the init checkpoint's architecture and preprocessing
-    (or the preset's), its encoder weights, and a fresh head."""
+def build_classifier(
+    params: FinetuneParams, task: TaskSpec, mode: Mode = "multimodal"
+) -> SocialMAEClassifier:
+    """A ``mode`` classifier for ``task``: the init checkpoint's architecture and
+    preprocessing (or the preset's), its encoder weights, and a fresh head."""
     config = get_preset(params.preset)
     if params.init:
         config = load_checkpoint(params.init).config
-    model = SocialMAEClassifier(config, task.num_outputs, task.kind, task.labels)
+    model = SocialMAEClassifier(config, task.num_outputs, task.kind, task.labels, mode)
     if params.init:
         report = initialize_from(model, params.init)
         fresh = [k for k in report.fresh if not k.startswith("mlp_head.")]
@@ -211,7 +251,7 @@ def read_predictions(run_dir: str | os.PathLike[str], task: TaskSpec):
 
 
 def _test_report(
-    task: TaskSpec, ids: list[str], targets, outputs, params: FinetuneParams, out: Path
+    task: TaskSpec, ids: list[str], targets, outputs, params: FinetuneParams, out: Path, mode: Mode
 ) -> dict[str, Any]:
     scores = metrics.evaluate(task, targets, outputs)
     primary = metrics.primary_metric(task)
@@ -223,7 +263,7 @@ def _test_report(
     if metrics.CONFUSION_MATRIX_KEY in scores:
         metrics.save_confusion_matrix(
             scores[metrics.CONFUSION_MATRIX_KEY], task.labels, out / "confusion_matrix.png",
-            title=f"{task.name} test ({params.mode})",
+            title=f"{task.name} test ({mode})",
         )  # fmt: skip
     if params.baseline:
         base_ids, _, base_outputs = read_predictions(params.baseline, task)
@@ -257,39 +297,138 @@ def finetune(
     report: Report | None = None,
     tracking_uri: str | None = None,
     evaluate_test: bool = True,
+    mode: Mode | None = None,
+    checkpoints: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune on ``task``'s train split, select on val, score on test; write into ``out``:
+    """Fine-tune a ``mode`` model (default: the first of ``params.modes``; with its
+    ``by_mode`` changes) on ``task``'s train split, select on val, score on test; write into
+    ``out``:
 
     ``model/`` (best epoch), ``metrics.json`` (val and test, CIs, significance), ``history.csv``
     (per epoch), ``predictions.parquet`` (test), ``confusion_matrix.png`` (classification),
-    and ``checkpoints/`` (per-epoch resumable state). ``report(epoch, value)`` receives each
-    epoch's validation primary metric (Optuna pruning raises from inside it). The run is logged
-    to the MLflow experiment ``socialmae-<task>`` at ``tracking_uri``. Tuning trials pass
-    ``evaluate_test=False``: they never see the test split.
+    and per-epoch resumable state in ``checkpoints`` (default ``out/checkpoints``).
+    ``report(epoch, value)`` receives each epoch's validation primary metric (Optuna pruning
+    raises from inside it). The run is logged to the MLflow experiment ``socialmae-<task>``
+    at ``tracking_uri``. Tuning trials pass ``evaluate_test=False``: they never see the test
+    split.
     """
     spec = task if isinstance(task, TaskSpec) else get_task(task)
+    mode = mode or params.modes[0]
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    params = params_for_mode(params, mode)
+    out = Path(out)
+    checkpoints = Path(checkpoints) if checkpoints is not None else out / "checkpoints"
     ctx = distributed.setup(params.device)
     try:
         return _finetune(
-            params,
-            spec,
-            Path(shards),
-            Path(out),
-            accepted,
-            report,
-            tracking_uri,
-            evaluate_test,
-            ctx,
-        )
+            params, spec, mode, Path(shards), out, checkpoints, accepted, report, tracking_uri,
+            evaluate_test, ctx,
+        )  # fmt: skip
     finally:
         distributed.teardown()
+
+
+def finetune_modes(
+    params: FinetuneParams,
+    task: str | TaskSpec,
+    shards: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    accepted: set[str] | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Fine-tune and score every mode of ``params.modes`` (the rows of the paper's tables).
+
+    Writes ``out/modes/<mode>/`` (see :func:`finetune`; resumable state in
+    ``out/checkpoints/<mode>/``), ``out/metrics.json`` (per mode: best epoch, val and test
+    metrics with the bootstrap CI; per pair of modes: the paired permutation test on the same
+    test clips) and ``out/history.csv`` (per epoch, a column per mode and quantity). Returns
+    the ``metrics.json`` content.
+    """
+    spec = task if isinstance(task, TaskSpec) else get_task(task)
+    out = Path(out)
+    jobs = [
+        (params, spec, Path(shards), mode_dir(out, mode), accepted, tracking_uri, mode,
+         out / "checkpoints" / mode)
+        for mode in params.modes
+    ]  # fmt: skip
+    processes = min(params.parallel_modes, len(jobs))
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if processes > 1 and single and distributed.resolve_device(params.device).type == "cpu":
+        threads = max(1, torch.get_num_threads() // processes)
+        logger.info("fine-tuning %d modes in %d processes of %d threads", len(jobs), processes,
+                    threads)  # fmt: skip
+        ensure_experiment(experiment_name(spec.name), tracking_uri)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            processes, mp_context=context, initializer=_mode_worker_init,
+            initargs=(threads, logging.getLogger().getEffectiveLevel()),
+        ) as pool:  # fmt: skip
+            results = dict(zip(params.modes, pool.map(_finetune_job, jobs), strict=True))
+    else:
+        results = {job[6]: _finetune_job(job) for job in jobs}
+    if not all("test" in r for r in results.values()):  # not the main process
+        return {}
+    table: dict[str, Any] = {"task": spec.name, "primary_metric": metrics.primary_metric(spec),
+                             "modes": list(params.modes), "test_set": None}  # fmt: skip
+    predictions = {}
+    for mode, result in results.items():
+        table[mode] = {k: result[k] for k in ("best_epoch", "val", "test")}
+        table["test_set"] = result["test_set"]
+        predictions[mode] = read_predictions(mode_dir(out, mode), spec)
+    table["comparisons"] = _compare_modes(spec, params, predictions)
+    histories = {m: pd.read_csv(mode_dir(out, m) / "history.csv") for m in params.modes}
+    wide = pd.concat(
+        [h.set_index("epoch").add_prefix(f"{m}_") for m, h in histories.items()], axis=1
+    ).reset_index()
+    atomic_write(out / "history.csv", lambda tmp: wide.to_csv(tmp, index=False))
+    atomic_write_text(out / "metrics.json", json.dumps(table, indent=2) + "\n")
+    return table
+
+
+def _mode_worker_init(threads: int, level: int) -> None:
+    """A mode process: its share of the cores, and the parent's log level."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _finetune_job(job: tuple[Any, ...]) -> dict[str, Any]:
+    params, spec, shards, out, accepted, tracking_uri, mode, checkpoints = job
+    return finetune(
+        params, spec, shards, out, accepted, tracking_uri=tracking_uri, mode=mode,
+        checkpoints=checkpoints,
+    )  # fmt: skip
+
+
+def _compare_modes(
+    task: TaskSpec,
+    params: FinetuneParams,
+    predictions: dict[str, tuple[list[str], np.ndarray, np.ndarray]],
+) -> dict[str, dict[str, float]]:
+    """Paired permutation test of the primary metric for every pair of modes (same clips)."""
+    comparisons = {}
+    modes = list(predictions)
+    for i, first in enumerate(modes):
+        for second in modes[i + 1 :]:
+            ids_a, targets, outputs_a = predictions[first]
+            ids_b, _, outputs_b = predictions[second]
+            test = metrics.paired_permutation_test(
+                metrics.metric_function(task), targets, outputs_a, outputs_b,
+                params.permutations, seed=params.seed, clip_ids_a=ids_a, clip_ids_b=ids_b,
+            )  # fmt: skip
+            comparisons[f"{first}_vs_{second}"] = {
+                "difference": test.difference, "p_value": test.p_value, "p_min": test.p_min,
+            }  # fmt: skip
+    return comparisons
 
 
 def _finetune(
     params: FinetuneParams,
     task: TaskSpec,
+    mode: Mode,
     shards: Path,
     out: Path,
+    checkpoints: Path,
     accepted: set[str] | None,
     report: Report | None,
     tracking_uri: str | None,
@@ -297,12 +436,13 @@ def _finetune(
     ctx: distributed.DistributedContext,
 ) -> dict[str, Any]:
     torch.manual_seed(params.seed)
-    model = build_classifier(params, task)
+    model = build_classifier(params, task, mode)
 
     def split(name: str, train: bool = False) -> ShardDataset:
         return ShardDataset(
             shards, model.config, split=name, task=task, train=train, sampling=params.sampling,
             augment=params.augment if train else None, accepted=accepted, seed=params.seed,
+            cache=params.cache,
         )  # fmt: skip
 
     train_set = split("train", train=True)
@@ -317,11 +457,11 @@ def _finetune(
     model.to(ctx.device)
     sampler = GlobalBatchSampler(
         len(train_set), params.batch, ctx.rank, ctx.world_size, params.seed,
-        drop_last=len(train_set) >= params.batch * ctx.world_size,
+        drop_last=len(train_set) >= params.batch * ctx.world_size, with_epoch=True,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(
         train_set, batch_sampler=sampler, num_workers=params.workers,
-        pin_memory=ctx.device.type == "cuda",
+        pin_memory=ctx.device.type == "cuda", persistent_workers=params.workers > 0,
     )  # fmt: skip
     steps_per_epoch = len(sampler)
     total_steps = params.epochs * steps_per_epoch
@@ -332,12 +472,13 @@ def _finetune(
     optimizer = build_optimizer(groups, params.optim)
     dtype = autocast_dtype(params.precision, ctx.device)
     scaler = grad_scaler(dtype, ctx.device)
-    resume_key = {k: v for k, v in asdict(params).items() if k not in ("workers", "device")}
-    resume_key = {**resume_key, "task": task.name, "clips": len(train_set),
+    ignored = ("workers", "device", "cache", "modes")  # they do not change the trajectory
+    resume_key = {k: v for k, v in asdict(params).items() if k not in ignored}
+    resume_key = {**resume_key, "task": task.name, "mode": mode, "clips": len(train_set),
                   "world_size": ctx.world_size}  # fmt: skip
-    checkpointer = Checkpointer(out / "checkpoints", fingerprint(resume_key), keep=1)
+    checkpointer = Checkpointer(checkpoints, fingerprint(resume_key), keep=1)
     position, history, best = Position(), [], {"epoch": -1, "value": -np.inf}
-    best_dir = out / "checkpoints" / "best"  # the best epoch's weights, kept on disk only
+    best_dir = checkpoints / "best"  # the best epoch's weights, kept on disk only
     latest = checkpointer.latest()
     if latest is not None:
         position, extra = checkpointer.load(latest, model, optimizer, scaler)
@@ -350,14 +491,14 @@ def _finetune(
     primary = metrics.primary_metric(task)
     experiment = experiment_name(task.name)
     tracker = Tracker(enabled=ctx.is_main)
-    tags = {"stage": "finetune", "task": task.name, "mode": params.mode}
-    with tracker.run(experiment, f"finetune-{task.name}-{params.mode}", tracking_uri, tags):
+    tags = {"stage": "finetune", "task": task.name, "mode": mode}
+    with tracker.run(experiment, f"finetune-{task.name}-{mode}", tracking_uri, tags):
         tracker.log_params({**asdict(params), "task": task.name, "world_size": ctx.world_size,
                             "clips_train": len(train_set), "clips_val": len(val_set),
                             "clips_test": len(test_set)})  # fmt: skip
         logger.info(
             "fine-tuning %s (%s) on %d/%d/%d clips, %d epochs of %d steps", task.name,
-            params.mode, len(train_set), len(val_set), len(test_set), params.epochs,
+            mode, len(train_set), len(val_set), len(test_set), params.epochs,
             steps_per_epoch,
         )  # fmt: skip
         model.train()
@@ -374,7 +515,7 @@ def _finetune(
                 video = batch["video"].to(ctx.device, non_blocking=True)
                 target = batch["target"].to(ctx.device, non_blocking=True)
                 with autocast(dtype, ctx.device):
-                    outputs = net(audio, video, params.mode)
+                    outputs = net(audio, video, mode)
                     loss = loss_fn(task, outputs, target, params.label_smoothing)
                 check_finite(loss, position.step, {"loss": loss.detach()})
                 scaler.scale(loss).backward()
@@ -389,17 +530,22 @@ def _finetune(
             train_loss = distributed.all_reduce_mean([float(np.mean(losses))], ctx)[0]
             seconds = time.perf_counter() - started
             value = float("nan")
+            last = epoch == params.epochs - 1
+            if (epoch + 1) % params.eval_every and not last:
+                position = Position(position.step, epoch + 1, 0)
+                continue
             if ctx.is_main:
                 ids, targets, outputs = predict_dataset(
-                    model, val_set, params.mode, params.batch, ctx.device, dtype
+                    model, val_set, mode, params.batch, ctx.device, dtype
                 )
                 val = metrics.scalar_metrics(metrics.evaluate(task, targets, outputs))
                 value = val[primary]
                 row = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
-                       "samples_per_second": len(train_set) / max(seconds, 1e-9),
                        **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
-                history.append(row)
-                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+                history.append(row)  # no timings: the history is part of a tracked output
+                speed = {"samples_per_second": len(train_set) / max(seconds, 1e-9)}
+                tracker.log_metrics({**{k: v for k, v in row.items() if k != "epoch"}, **speed},
+                                    epoch)  # fmt: skip
                 logger.info(
                     "epoch %d train loss %.4f val %s %.4f", epoch, train_loss, primary, value
                 )
@@ -414,8 +560,16 @@ def _finetune(
             position = Position(position.step, epoch + 1, 0)
             if report is not None and ctx.is_main:
                 report(epoch, value)
+            stale = (
+                ctx.is_main
+                and params.patience is not None
+                and (epoch - best["epoch"] >= params.patience)
+            )
+            if distributed.all_reduce_mean([float(stale)], ctx)[0] > 0:
+                logger.info("no better %s for %d epochs: stopping", primary, params.patience)
+                break
 
-        result: dict[str, Any] = {"task": task.name, "mode": params.mode,
+        result: dict[str, Any] = {"task": task.name, "mode": mode,
                                   "primary_metric": primary, "best_epoch": best["epoch"],
                                   "steps": position.step}  # fmt: skip
         if ctx.is_main:
@@ -429,10 +583,10 @@ def _finetune(
             result["val"] = {k[len("val_") :]: v for k, v in chosen.items() if k.startswith("val_")}
         if ctx.is_main and evaluate_test:
             ids, targets, outputs = predict_dataset(
-                model, test_set, params.mode, params.batch, ctx.device, dtype
+                model, test_set, mode, params.batch, ctx.device, dtype
             )
             _save_predictions(out / PREDICTIONS, task, ids, targets, outputs)
-            result["test"] = _test_report(task, ids, targets, outputs, params, out)
+            result["test"] = _test_report(task, ids, targets, outputs, params, out, mode)
             result["test_set"] = test_set_fingerprint(ids)
             tracker.log_metrics({f"test_{k}": v for k, v in result["test"].items()
                                  if isinstance(v, float)})  # fmt: skip

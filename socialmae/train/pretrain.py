@@ -15,15 +15,16 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from socialmae.checkpoints import initialize_from
-from socialmae.data.dataset import ClipSampling, ShardDataset
+from socialmae.data.dataset import ClipSampling, ShardDataset, fbank_statistics
 from socialmae.io import atomic_write_csv, atomic_write_text
-from socialmae.losses import LossWeights
+from socialmae.losses import LossWeights, masked_reconstruction_loss, normalize_patches
 from socialmae.model import SocialMAE, get_preset
 from socialmae.model.masking import AudioMaskMode
 from socialmae.tracking import Tracker
@@ -70,6 +71,8 @@ class PretrainParams:
     audio_mask_mode: AudioMaskMode = "unstructured"
     loss: LossWeights = field(default_factory=LossWeights)
     sampling: ClipSampling = field(default_factory=ClipSampling)
+    fbank_stats: Literal["checkpoint", "train"] = "checkpoint"  # or measured on the clips used
+    eval_split: str | None = "val"  # held-out clips scored before and after; null: none
     precision: Precision = "auto"
     compile: bool = False
     device: str = "auto"
@@ -148,6 +151,14 @@ def _pretrain(
 ) -> dict[str, Any]:
     torch.manual_seed(params.seed)
     config = get_preset(params.preset)
+    if params.fbank_stats == "train":
+        probe = ShardDataset(shards, config, split=params.split, accepted=accepted)
+        if len(probe):
+            mean, std = fbank_statistics(probe)
+            config = config.replace(fbank_mean=mean, fbank_std=std)
+            logger.info(
+                "fbank statistics of the %d clips: mean %.4f std %.4f", len(probe), mean, std
+            )
     model = SocialMAE(config)
     init_report = initialize_from(model, params.init).summary() if params.init else "scratch"
     model.to(ctx.device)
@@ -155,6 +166,12 @@ def _pretrain(
         shards, config, split=params.split, train=True, sampling=params.sampling,
         accepted=accepted, seed=params.seed,
     )  # fmt: skip
+    heldout = None
+    if params.eval_split is not None and ctx.is_main:
+        heldout = ShardDataset(
+            shards, config, split=params.eval_split, sampling=params.sampling, accepted=accepted
+        )
+        heldout = heldout if len(heldout) > 1 else None
     global_batch = params.batch * ctx.world_size
     if len(dataset) < global_batch * params.accumulation:
         raise ValueError(
@@ -162,11 +179,11 @@ def _pretrain(
             f"{global_batch * params.accumulation} clips; lower pretrain.batch or accumulation"
         )
     sampler = GlobalBatchSampler(
-        len(dataset), params.batch, ctx.rank, ctx.world_size, params.seed, shuffle=True
+        len(dataset), params.batch, ctx.rank, ctx.world_size, params.seed, with_epoch=True
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=params.workers,
-        pin_memory=ctx.device.type == "cuda",
+        pin_memory=ctx.device.type == "cuda", persistent_workers=params.workers > 0,
     )  # fmt: skip
     steps_per_epoch = len(sampler) // params.accumulation
     total_steps = params.epochs * steps_per_epoch
@@ -184,9 +201,12 @@ def _pretrain(
     )
     position, history = Position(), []
     latest = checkpointer.latest()
+    before: dict[str, float] | None = None
     if latest is not None:
         position, extra = checkpointer.load(latest, model, optimizer, scaler)
-        history = extra.get("history", [])
+        history, before = extra.get("history", []), extra.get("heldout_before")
+    elif heldout is not None:
+        before = evaluate_pretraining(model, heldout, params, ctx.device)
     saved_step = position.step
 
     unused = params.loss.mae == 0 or params.loss.contrastive == 0
@@ -215,7 +235,8 @@ def _pretrain(
 
         def save_checkpoint(pos: Position) -> int:
             if ctx.is_main:
-                checkpointer.save(model, optimizer, scaler, pos, {"history": history})
+                extra = {"history": history, "heldout_before": before}
+                checkpointer.save(model, optimizer, scaler, pos, extra)
             distributed.barrier(ctx)
             return pos.step
 
@@ -289,6 +310,12 @@ def _pretrain(
             save_checkpoint(position)
         seconds = time.perf_counter() - run_start
         metrics = _finish(params, model, dataset, out, history, position, ctx, tracker)
+        if heldout is not None:
+            metrics["heldout"] = {
+                "clips": len(heldout), "split": params.eval_split, "before": before,
+                "after": evaluate_pretraining(model, heldout, params, ctx.device),
+            }  # fmt: skip
+            tracker.log_metrics({f"heldout_{k}": v for k, v in metrics["heldout"]["after"].items()})
         metrics["epochs"] = round(position.step / steps_per_epoch, 3)
         metrics["seconds"] = round(seconds, 2)
         metrics["samples_per_second_run"] = run_samples / max(seconds, 1e-9)
@@ -338,3 +365,66 @@ def _finish(
     tracker.log_artifact(out / "history.csv")
     tracker.log_artifact(out / "model", "model")
     return metrics
+
+
+@torch.no_grad()
+def evaluate_pretraining(
+    model: SocialMAE,
+    dataset: ShardDataset,
+    params: PretrainParams,
+    device: torch.device,
+    batch: int = 16,
+) -> dict[str, float]:
+    """Held-out checks of a pretraining model on ``dataset`` (evaluation windows, masks fixed
+    by ``params.seed``):
+
+    * ``mae_audio`` / ``mae_video``: the masked reconstruction loss, next to
+      ``*_mean_baseline``, the loss of predicting every removed patch as the mean of the
+      clip's visible patches (a model that learned nothing does no better);
+    * ``retrieval_v2a`` / ``retrieval_a2v``: top-1 accuracy of finding a clip's own audio
+      among all clips' audio from its video (unmasked pooled unimodal embeddings, centred,
+      cosine), and the reverse, next to ``retrieval_chance`` (1 / clips).
+    """
+    was_training = model.training
+    model.eval()
+    norm_pix = model.config.norm_pix_loss
+    sums = dict.fromkeys(("mae_audio", "mae_video", "mae_audio_mean_baseline",
+                          "mae_video_mean_baseline"), 0.0)  # fmt: skip
+    pooled_a, pooled_v = [], []
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch)
+    for item in loader:
+        audio, video = item["audio"].to(device), item["video"].to(device)
+        gens = sample_generators(params.seed, 0, item["index"].tolist(), device)
+        out = model(
+            audio, video, params.mask_ratio_audio, params.mask_ratio_video,
+            LossWeights(contrastive=0.0), params.audio_mask_mode, generator=gens,
+        )  # fmt: skip
+        n = audio.shape[0]
+        targets = (
+            ("audio", model.audio_target(audio), out.mask_audio, out.loss_mae_audio),
+            ("video", model.video_target(video), out.mask_video, out.loss_mae_video),
+        )
+        for name, target, mask, loss in targets:
+            target = normalize_patches(target) if norm_pix else target  # [B, L, P]
+            visible = (1 - mask).unsqueeze(-1)  # [B, L, 1]
+            mean = (target * visible).sum(1, keepdim=True) / visible.sum(1, keepdim=True)
+            baseline = masked_reconstruction_loss(mean.expand_as(target), target, mask)
+            sums[f"mae_{name}"] += float(loss) * n
+            sums[f"mae_{name}_mean_baseline"] += float(baseline) * n
+        pooled_a.append(model.features(audio, None, "audio").pooled.float())  # [B, D]
+        pooled_v.append(model.features(None, video, "video").pooled.float())
+    model.train(was_training)
+    clips = len(dataset)
+    # Centred before the cosine: the pooled embeddings share a large common component that
+    # otherwise makes every video pick the same few audio clips (hubness).
+    a, v = torch.cat(pooled_a), torch.cat(pooled_v)  # [N, D]
+    a = F.normalize(a - a.mean(0), dim=-1)
+    v = F.normalize(v - v.mean(0), dim=-1)
+    sim = v @ a.T  # [N video, N audio]
+    own = torch.arange(clips, device=sim.device)
+    return {
+        **{k: v / clips for k, v in sums.items()},
+        "retrieval_v2a": float((sim.argmax(dim=1) == own).float().mean()),
+        "retrieval_a2v": float((sim.argmax(dim=0) == own).float().mean()),
+        "retrieval_chance": 1.0 / clips,
+    }

@@ -19,12 +19,21 @@ from typing import Any
 import pandas as pd
 
 from socialmae.io import atomic_write_text
-from socialmae.params import ParamsError, from_mapping, load_yaml
+from socialmae.model.social_mae import MODES
+from socialmae.params import ParamsError, deep_merge, from_mapping, load_yaml
 from socialmae.pipeline import FACES, VALIDATION
 from socialmae.tasks import TASKS, get_task
 from socialmae.tracking import resolve_tracking_uri
 from socialmae.train.engine import Report
-from socialmae.train.finetune import FinetuneParams, experiment_name, finetune, with_overrides
+from socialmae.train.finetune import (
+    FinetuneParams,
+    experiment_name,
+    finetune,
+    finetune_modes,
+    mode_dir,
+    params_for_mode,
+    with_overrides,
+)
 from socialmae.train.pretrain import PretrainParams, pretrain
 
 logger = logging.getLogger(__name__)
@@ -70,23 +79,15 @@ def merged_section(params: dict[str, Any], section: str, task: str) -> dict[str,
     unknown = sorted(set(block) - {"defaults", *TASKS})
     if unknown:
         raise ParamsError(f"{section}.{unknown[0]}", f"expected defaults or a task {sorted(TASKS)}")
-    return _deep_merge(block.get("defaults") or {}, block.get(task) or {})
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+    return deep_merge(block.get("defaults") or {}, block.get(task) or {})
 
 
 def finetune_params(params: dict[str, Any], task: str, tuned: Path | None) -> FinetuneParams:
     """The task's fine-tuning params, with the tuned values from ``tuned`` (if it exists)."""
     section = merged_section(params, "finetune", task)
     base = from_mapping(FinetuneParams, section, f"finetune.{task}")
+    for mode in base.modes:  # a bad per-mode key stops here, before any work
+        params_for_mode(base, mode)
     if tuned is None or not tuned.is_file():
         return base
     best = json.loads(tuned.read_text()).get("params", {})
@@ -115,16 +116,16 @@ def stage_finetune(
     out: Path | None = None,
     tuned: Path | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune ``task`` (``finetune.defaults`` + ``finetune.<task>`` + tuned values)."""
+    """Fine-tune ``task`` in each of its modes (``finetune.defaults`` + ``finetune.<task>`` +
+    tuned values) and compare the modes (see :func:`~socialmae.train.finetune.finetune_modes`)."""
     get_task(task)
     params = load_yaml(params_path)
     tuned = tuned if tuned is not None else TUNE / task / BEST_PARAMS
     settings = finetune_params(params, task, tuned)
     out = out if out is not None else FINETUNE / task
-    return finetune(
-        settings, task, shards, out, accepted_clips(validation),
-        tracking_uri=tracking_uri(params),
-    )  # fmt: skip
+    return finetune_modes(
+        settings, task, shards, out, accepted_clips(validation), tracking_uri(params)
+    )
 
 
 @dataclass
@@ -184,12 +185,16 @@ def stage_tune(
 ) -> dict[str, Any]:
     """Optuna search over ``tune.<task>.space`` (merged with ``tune.defaults``); each trial is a
     fine-tuning run scored on the validation split. Writes ``best_params.json`` (read by
-    ``finetune@task``) and ``trials.csv`` into ``out``."""
+    ``finetune@task``) into ``out`` and the study (sqlite storage by default, ``trials.csv``)
+    into ``out/study/``, which a rerun continues."""
     from socialmae.train.tune import run_study
 
     out = out if out is not None else TUNE / task
     study = _study(params_path, task, shards, validation, out)
     if not study.enabled:  # finetune@task then uses its params as they are
+        from socialmae.train.tune import STUDY_DIR
+
+        (out / STUDY_DIR).mkdir(parents=True, exist_ok=True)  # the stage's output, kept as is
         payload = {"params": {}, "skipped": "tune.enabled is false"}
         atomic_write_text(out / BEST_PARAMS, json.dumps(payload, indent=2) + "\n")
         return payload
@@ -230,14 +235,31 @@ def stage_tune_worker(
 
 @dataclass(frozen=True)
 class RegisterParams:
-    """``register`` in params.yaml: the promotion gate."""
+    """``register`` in params.yaml: which fine-tuned mode is registered, and the gate."""
 
+    mode: str = "first"  # first (of finetune modes), best (on validation), or a mode name
     margin: float = 0.0  # the challenger must beat the champion's test metric by more than this
     device: str = "cpu"  # where a champion is re-scored when the test set changed
 
     def __post_init__(self) -> None:
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if self.mode not in ("first", "best", *MODES):
+            raise ValueError(f"mode must be first, best or one of {list(MODES)}, got {self.mode!r}")
+
+
+def registered_mode(choice: str, table: dict[str, Any]) -> str:
+    """The mode to register from ``finetune_modes``'s table: ``first``, ``best`` (highest
+    validation primary metric) or a mode name that was fine-tuned."""
+    modes = table["modes"]
+    if choice == "first":
+        return modes[0]
+    if choice == "best":
+        metric = table["primary_metric"]
+        return max(modes, key=lambda m: table[m]["val"][metric])
+    if choice not in modes:
+        raise ParamsError("register.mode", f"{choice!r} was not fine-tuned (modes: {modes})")
+    return choice
 
 
 def stage_register(
@@ -248,8 +270,9 @@ def stage_register(
     validation: Path = VALIDATION,
     out: Path | None = None,
 ) -> dict[str, Any]:
-    """Log ``finetune@task``'s model to MLflow as ``socialmae-<task>`` (alias ``challenger``)
-    and move ``champion`` only through the gate; the decision goes to ``decision.json``."""
+    """Log the ``register.mode`` model of ``finetune@task`` to MLflow as ``socialmae-<task>``
+    (alias ``challenger``) and move ``champion`` only through the gate; the decision goes to
+    ``decision.json``."""
     from socialmae.data.crop import CropParams
     from socialmae.data.dataset import ShardDataset
     from socialmae.registry import load_registered, log_model, promote
@@ -263,12 +286,14 @@ def stage_register(
     tuned = finetune_params(params, task, TUNE / task / BEST_PARAMS)
     finetuned = finetuned if finetuned is not None else FINETUNE / task
     out = out if out is not None else OUTPUTS / "register" / task
-    result_path = finetuned / "metrics.json"
-    if not result_path.is_file():
-        raise FileNotFoundError(f"{result_path}: run finetune@{task} first")
-    result = json.loads(result_path.read_text())
-    metric = result["primary_metric"]
-    value, test_set = float(result["test"][metric]), result["test_set"]
+    table_path = finetuned / "metrics.json"
+    if not table_path.is_file():
+        raise FileNotFoundError(f"{table_path}: run finetune@{task} first")
+    table = json.loads(table_path.read_text())
+    mode = registered_mode(settings.mode, table)
+    metric = table["primary_metric"]
+    value, test_set = float(table[mode]["test"][metric]), table["test_set"]
+    logger.info("%s: registering the %s model (register.mode %s)", task, mode, settings.mode)
     uri = tracking_uri(params)
 
     def evaluate_champion(model_uri: str) -> float:
@@ -278,16 +303,17 @@ def stage_register(
         accepted = accepted_clips(validation)
         test = ShardDataset(shards, model.config, split="test", task=spec,
                             sampling=tuned.sampling, accepted=accepted)  # fmt: skip
-        _, targets, outputs = predict_dataset(model, test, tuned.mode, tuned.batch, device)
+        _, targets, outputs = predict_dataset(model, test, model.mode, tuned.batch, device)
         return float(metrics.scalar_metrics(metrics.evaluate(spec, targets, outputs))[metric])
 
     version = log_model(
-        finetuned / "model", task, metric, value, test_set, tracking_uri=uri,
+        mode_dir(finetuned, mode) / "model", task, metric, value, test_set, tracking_uri=uri,
         experiment=experiment_name(task), crop=crop, sampling=tuned.sampling,
     )  # fmt: skip
     decision = promote(
         task, version.version, metric, value, test_set, settings.margin,
         evaluate_champion=evaluate_champion, tracking_uri=uri,
     )  # fmt: skip
-    decision.write(out / "decision.json")
-    return decision.to_dict()
+    result = {**decision.to_dict(), "mode": mode}
+    atomic_write_text(out / "decision.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 STORAGE_ENV = "SOCIALMAE_OPTUNA_STORAGE"
 BEST_PARAMS = "best_params.json"
 TRIALS_TABLE = "trials.csv"
+STUDY_DIR = "study"  # under out_dir: the default sqlite storage and the trials table; kept
+# across runs (DVC `persist`), so a killed stage continues its study
 SPACE_ATTR = "socialmae.space"  # study user attr: the search space every worker must share
 PARENT_ATTR = "socialmae.mlflow_parent_run"  # study user attr: the MLflow run of the study
 
@@ -412,7 +414,8 @@ def _hide(text: str, url: str) -> str:
 
 
 def resolve_storage(explicit: str | None, out_dir: str | os.PathLike[str] | None) -> str:
-    """The storage URL: ``explicit``, else ``$SOCIALMAE_OPTUNA_STORAGE``, else sqlite in out_dir."""
+    """The storage URL: ``explicit``, else ``$SOCIALMAE_OPTUNA_STORAGE``, else sqlite in
+    ``out_dir/study/``."""
     if explicit:
         url, source = explicit, "tune.storage"
         if _has_password(url):
@@ -424,7 +427,9 @@ def resolve_storage(explicit: str | None, out_dir: str | os.PathLike[str] | None
     elif os.environ.get(STORAGE_ENV):
         url, source = os.environ[STORAGE_ENV], f"${STORAGE_ENV}"
     elif out_dir is not None:
-        url, source = f"sqlite:///{(Path(out_dir) / 'optuna.db').resolve()}", "default"
+        study_dir = Path(out_dir) / STUDY_DIR
+        study_dir.mkdir(parents=True, exist_ok=True)
+        url, source = f"sqlite:///{(study_dir / 'optuna.db').resolve()}", "default"
     else:
         raise TuneError(f"no Optuna storage: set tune.storage or ${STORAGE_ENV}")
     log.info("Optuna storage (%s): %s", source, _hide(url, url))
@@ -854,7 +859,7 @@ def _finish(
 ) -> TuneResult:
     trials = study.get_trials(deepcopy=False)
     counts = _state_counts(trials)
-    trials_path = _write_trials(study, out / TRIALS_TABLE) if out is not None else None
+    trials_path = _write_trials(study, out / STUDY_DIR / TRIALS_TABLE) if out is not None else None
     if counts["complete"] == 0:
         raise TuneError(f"study {study.study_name!r} has no complete trial ({counts})")
     best = study.best_trial
@@ -921,8 +926,8 @@ def run_study(
         space: the fine-tuning params to tune.
         params: the study's knobs.
         study_name: shared by every worker of the study (``params.study_for(task)``).
-        out_dir: where ``best_params.json`` and ``trials.csv`` go (and the default sqlite
-            storage); None writes nothing.
+        out_dir: where ``best_params.json`` goes, and ``study/`` with ``trials.csv`` (and the
+            default sqlite storage); None writes nothing.
         metric: the name of the reported value (MLflow metric of each trial run).
         tracking_uri: MLflow tracking URI; trials become nested runs under the study's run
             (kept in the study, so later workers share it). Under an active MLflow run (the

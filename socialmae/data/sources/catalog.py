@@ -47,16 +47,16 @@ def _check_positive(**values: int | float | None) -> None:
 class DemoParams:
     """The generated demo set (``download.demo``)."""
 
-    clips_per_label: int = 8
-    identities: int = 4
+    identities: int = 24
+    sentences: int = 1
     seconds: float = 3.0
     seed: int = 0
     workers: int = 1
 
     def __post_init__(self) -> None:
         _check_positive(
-            clips_per_label=self.clips_per_label,
             identities=self.identities,
+            sentences=self.sentences,
             seconds=self.seconds,
             workers=self.workers,
         )
@@ -162,8 +162,8 @@ def _prepare_demo(p: DemoParams, out_dir: Path) -> pd.DataFrame:
 
     return prepare_demo(
         out_dir,
-        clips_per_label=p.clips_per_label,
         identities=p.identities,
+        sentences=p.sentences,
         seconds=p.seconds,
         seed=p.seed,
         workers=p.workers,

@@ -93,8 +93,8 @@ IDENTITIES: tuple[Identity, ...] = (
         "astronaut",
         (177, 56, 95, 120),
         ((204, 100), (247, 103), (223, 129), (202, 138), (244, 140)),
-        "en-us+f3",
-        4,
+        "en-us+f2",
+        2,
     ),
     Identity(
         "grace_hopper",
@@ -102,15 +102,15 @@ IDENTITIES: tuple[Identity, ...] = (
         (177, 106, 176, 221),
         ((218, 187), (303, 186), (259, 247), (231, 273), (299, 272)),
         "en-us+f4",
-        -6,
+        -3,
     ),
     Identity(
         "lfw063",
         "lfw",
         (1.2, -1.7, 19.1, 26.6),
         ((4.4, 7.6), (13.2, 7.0), (7.8, 13.7), (5.9, 17.6), (13.5, 17.2)),
-        "en-us+m3",
-        -8,
+        "en-us+m1",
+        -4,
         63,
         (1.0, 0.86, 0.72),
     ),
@@ -120,7 +120,7 @@ IDENTITIES: tuple[Identity, ...] = (
         (1.5, -2.0, 19.7, 26.1),
         ((5.7, 7.9), (14.9, 7.8), (9.4, 11.9), (6.0, 16.2), (15.1, 16.0)),
         "en-us+f2",
-        8,
+        4,
         52,
         (1.0, 0.84, 0.76),
     ),
@@ -129,8 +129,8 @@ IDENTITIES: tuple[Identity, ...] = (
         "lfw",
         (1.2, -2.0, 18.9, 26.8),
         ((4.9, 8.5), (13.5, 8.5), (8.0, 13.8), (5.4, 17.5), (13.3, 17.5)),
-        "en-us+m1",
-        0,
+        "en-us+m3",
+        2,
         1,
         (0.98, 0.88, 0.74),
     ),
@@ -139,8 +139,8 @@ IDENTITIES: tuple[Identity, ...] = (
         "lfw",
         (1.8, -0.5, 18.8, 23.4),
         ((6.0, 9.0), (14.6, 9.0), (9.6, 14.4), (7.1, 17.5), (14.0, 17.5)),
-        "en-us+f5",
-        2,
+        "en-us+f4",
+        0,
         46,
         (1.0, 0.87, 0.70),
     ),
@@ -149,8 +149,8 @@ IDENTITIES: tuple[Identity, ...] = (
         "lfw",
         (0.1, -2.3, 20.1, 27.8),
         ((5.6, 9.1), (14.8, 8.7), (10.6, 14.1), (6.9, 18.8), (14.4, 18.5)),
-        "en-us+m7",
-        -4,
+        "en-us+m1",
+        0,
         60,
         (0.96, 0.88, 0.80),
     ),
@@ -159,10 +159,170 @@ IDENTITIES: tuple[Identity, ...] = (
         "lfw",
         (1.3, -2.2, 18.6, 26.7),
         ((6.7, 8.3), (15.9, 8.4), (11.9, 13.7), (7.2, 17.4), (15.3, 17.4)),
-        "en-us+f1",
-        6,
+        "en-us+f2",
+        -2,
         93,
         (1.0, 0.85, 0.74),
+    ),
+    Identity(
+        "lfw006",
+        "lfw",
+        (-2.8, -1.2, 21.7, 25.4),
+        ((3.3, 9.5), (14.3, 9.2), (9.5, 16.4), (5.1, 19.2), (13.3, 19.0)),
+        "en-us+m3",
+        -2,
+        6,
+        (0.97, 0.87, 0.76),
+    ),
+    Identity(
+        "lfw031",
+        "lfw",
+        (1.1, -1.4, 19.8, 25.2),
+        ((5.7, 9.4), (14.2, 7.8), (10.1, 14.0), (7.9, 18.4), (14.9, 17.0)),
+        "en-us+f4",
+        3,
+        31,
+        (1.0, 0.86, 0.73),
+    ),
+    Identity(
+        "lfw015",
+        "lfw",
+        (2.6, 0.2, 17.9, 22.8),
+        ((7.8, 9.3), (16.2, 8.4), (12.9, 14.1), (9.6, 18.3), (15.8, 17.6)),
+        "en-us+m1",
+        4,
+        15,
+        (0.99, 0.85, 0.72),
+    ),
+    Identity(
+        "lfw075",
+        "lfw",
+        (2.7, -1.7, 19.5, 26.3),
+        ((5.3, 8.3), (13.2, 9.4), (5.6, 13.9), (4.8, 18.4), (10.7, 19.2)),
+        "en-us+f2",
+        -4,
+        75,
+        (1.0, 0.88, 0.78),
+    ),
+    Identity(
+        "lfw041",
+        "lfw",
+        (2.2, 0.6, 18.6, 22.8),
+        ((6.5, 8.5), (14.9, 8.4), (10.3, 13.6), (7.5, 17.5), (14.3, 17.4)),
+        "en-us+m3",
+        -3,
+        41,
+        (0.96, 0.86, 0.75),
+    ),
+    Identity(
+        "lfw094",
+        "lfw",
+        (1.7, -1.7, 19.3, 25.9),
+        ((6.9, 7.7), (16.4, 7.9), (11.6, 13.8), (7.0, 16.7), (15.5, 17.0)),
+        "en-us+f4",
+        1,
+        94,
+        (1.0, 0.85, 0.71),
+    ),
+    Identity(
+        "lfw055",
+        "lfw",
+        (0.7, -1.9, 20.7, 26.1),
+        ((5.6, 8.4), (15.3, 7.5), (10.5, 14.2), (7.9, 18.6), (14.8, 17.9)),
+        "en-us+m1",
+        3,
+        55,
+        (0.98, 0.87, 0.77),
+    ),
+    Identity(
+        "lfw037",
+        "lfw",
+        (1.9, -0.7, 19.0, 24.0),
+        ((6.6, 9.8), (15.4, 8.8), (11.4, 12.8), (8.1, 17.2), (16.1, 16.4)),
+        "en-us+m3",
+        1,
+        37,
+        (0.97, 0.88, 0.79),
+    ),
+    Identity(
+        "lfw074",
+        "lfw",
+        (2.5, -2.3, 18.2, 25.6),
+        ((5.0, 8.6), (12.9, 8.9), (7.2, 13.9), (6.3, 17.1), (12.9, 17.2)),
+        "en-us+m1",
+        -2,
+        74,
+        (1.0, 0.86, 0.74),
+    ),
+    Identity(
+        "lfw053",
+        "lfw",
+        (1.5, -1.0, 17.6, 25.7),
+        ((8.0, 7.0), (16.3, 7.6), (13.3, 11.6), (8.5, 17.1), (15.3, 17.6)),
+        "en-us+f2",
+        -1,
+        53,
+        (0.99, 0.88, 0.78),
+    ),
+    Identity(
+        "lfw064",
+        "lfw",
+        (1.3, -1.0, 19.0, 24.2),
+        ((6.2, 7.8), (15.0, 7.4), (10.8, 11.4), (7.5, 17.0), (14.7, 16.6)),
+        "en-us+m3",
+        2,
+        64,
+        (0.82, 0.66, 0.55),
+    ),
+    Identity(
+        "lfw091",
+        "lfw",
+        (1.4, -1.3, 18.5, 26.1),
+        ((6.1, 8.4), (15.4, 8.1), (11.2, 13.4), (7.5, 18.4), (14.9, 18.2)),
+        "en-us+f4",
+        1,
+        91,
+        (1.0, 0.87, 0.76),
+    ),
+    Identity(
+        "lfw002",
+        "lfw",
+        (1.8, -0.5, 19.1, 24.7),
+        ((4.8, 9.1), (13.5, 7.5), (8.4, 13.3), (7.0, 18.5), (14.1, 17.2)),
+        "en-us+m1",
+        4,
+        2,
+        (0.97, 0.86, 0.75),
+    ),
+    Identity(
+        "lfw018",
+        "lfw",
+        (0.8, -2.0, 21.1, 26.5),
+        ((5.6, 8.7), (15.2, 8.8), (9.5, 15.0), (7.1, 18.8), (14.1, 18.9)),
+        "en-us+f2",
+        -4,
+        18,
+        (0.93, 0.8, 0.68),
+    ),
+    Identity(
+        "lfw020",
+        "lfw",
+        (0.8, -2.1, 20.5, 25.7),
+        ((5.0, 8.0), (14.6, 7.7), (8.9, 13.2), (6.5, 17.4), (14.0, 17.2)),
+        "en-us+m3",
+        -3,
+        20,
+        (1.0, 0.85, 0.73),
+    ),
+    Identity(
+        "lfw029",
+        "lfw",
+        (0.5, -0.5, 21.3, 31.1),
+        ((7.2, 9.5), (16.1, 9.1), (12.6, 13.5), (9.2, 22.0), (15.3, 21.6)),
+        "en-us+f4",
+        3,
+        29,
+        (0.98, 0.84, 0.72),
     ),
 )
 
@@ -178,36 +338,46 @@ class Prosody:
 
 
 EMOTION_PROSODY: dict[str, Prosody] = {
-    "anger": Prosody(pitch=55, range=90, rate=205, volume=175),
-    "disgust": Prosody(pitch=32, range=40, rate=130, volume=95),
-    "fear": Prosody(pitch=82, range=60, rate=225, volume=110),
-    "happiness": Prosody(pitch=72, range=95, rate=185, volume=140),
-    "neutral": Prosody(pitch=48, range=50, rate=165, volume=100),
-    "sadness": Prosody(pitch=25, range=12, rate=112, volume=65),
+    "anger": Prosody(pitch=60, range=85, rate=210, volume=200),
+    "disgust": Prosody(pitch=30, range=35, rate=125, volume=80),
+    "fear": Prosody(pitch=90, range=65, rate=240, volume=125),
+    "happiness": Prosody(pitch=75, range=100, rate=185, volume=160),
+    "neutral": Prosody(pitch=45, range=25, rate=160, volume=100),
+    "sadness": Prosody(pitch=15, range=5, rate=100, volume=45),
 }
 
 
 @dataclass(frozen=True)
 class Expression:
-    """Face and head motion of an emotion; distances are fractions of the face height."""
+    """Face and head motion of an emotion (the prototypical action units of acted emotion,
+    held from a fast onset to the end of the clip); distances are fractions of the face
+    height, so they look the same on every face and survive tracking and a 2-4 fps sampling."""
 
-    brow: float = 0.0  # brow displacement, + down
-    smile: float = 0.0  # mouth corner displacement, + up
-    eyes: float = 0.0  # vertical stretch around the eyes
-    sneer: float = 0.0  # one-sided upper lip / nose raise
-    shake: tuple[float, float] = (0.0, 0.0)  # horizontal oscillation (amplitude, Hz)
-    nod: tuple[float, float] = (0.0, 0.0)  # vertical oscillation (amplitude, Hz)
-    drift: tuple[float, float] = (0.0, 0.0)  # head displacement over the clip (x, y)
+    brow: float = 0.0  # brows lowered (+) or raised (-)
+    brow_inner: float = 0.0  # inner ends of the brows raised (+): the oblique brows of sadness
+    frown: float = 0.0  # brows drawn together towards the midline
+    eyes: float = 0.0  # vertical stretch around the eyes: + wide open, - narrowed
+    smile: float = 0.0  # mouth corners raised (+) or lowered (-)
+    stretch: float = 0.0  # mouth corners pulled outwards (+) or pressed inwards (-)
+    sneer: float = 0.0  # one-sided upper-lip and nose raise
+    gape: float = 0.0  # jaw held open beyond the speech movement
     jaw: float = 1.0  # gain of the loudness-driven jaw opening
+    roll: float = 0.0  # head tilt in degrees, to a random side
+    nod: tuple[float, float] = (0.0, 0.0)  # vertical head oscillation (amplitude, Hz)
+    shake: tuple[float, float] = (0.0, 0.0)  # horizontal head oscillation (amplitude, Hz)
+    tremor: float = 0.0  # irregular head jitter (amplitude)
+    drift: tuple[float, float] = (0.0, 0.0)  # head displacement over the clip (x, y)
 
 
 EXPRESSIONS: dict[str, Expression] = {
-    "anger": Expression(brow=0.05, smile=-0.01, shake=(0.022, 4.0), jaw=1.1),
-    "disgust": Expression(brow=0.02, sneer=0.05, drift=(-0.06, 0.01), jaw=0.8),
-    "fear": Expression(brow=-0.05, eyes=0.35, shake=(0.008, 7.5), drift=(0.0, -0.05)),
-    "happiness": Expression(smile=0.05, nod=(0.028, 1.4), jaw=1.1),
+    "anger": Expression(
+        brow=0.12, frown=0.05, eyes=-0.35, stretch=-0.06, smile=-0.04, jaw=0.8, shake=(0.12, 0.9)
+    ),
+    "disgust": Expression(brow=0.05, eyes=-0.25, sneer=0.14, smile=-0.05, jaw=0.7),
+    "fear": Expression(brow=-0.12, eyes=0.5, stretch=0.08, gape=0.07, tremor=0.05),
+    "happiness": Expression(smile=0.14, stretch=0.06, eyes=-0.25, nod=(0.12, 0.7)),
     "neutral": Expression(),
-    "sadness": Expression(brow=-0.015, smile=-0.035, drift=(0.0, 0.09), jaw=0.7),
+    "sadness": Expression(brow_inner=0.1, eyes=-0.2, smile=-0.12, jaw=0.6, roll=8.0),
 }
 
 
@@ -479,6 +649,60 @@ def _smoothstep(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return (t * t * (3 - 2 * t)).astype(np.float32)
 
 
+def _face_displacement(
+    layout: FaceLayout,
+    expr: Expression,
+    x: np.ndarray,
+    y: np.ndarray,
+    ramp: float,
+    gap: float,
+    side: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Forward displacement ``(dx, dy)`` of the face points ``(x, y)`` (frame pixels, any
+    shape) for ``expr`` at strength ``ramp`` with the jaw ``gap`` pixels open."""
+    h, w = layout.face_height, layout.box[2]
+    eyes, nose, mouth = layout.eyes, layout.nose, layout.mouth
+    mouth_c = layout.mouth_center
+    eye_y = float(eyes[:, 1].mean())
+    face_cx = float(eyes[:, 0].mean() * 0.5 + mouth_c[0] * 0.5)
+    chin_y = layout.box[1] + layout.box[3]
+    # The jaw region: below the mouth line, down to the chin.
+    jaw = (
+        _smoothstep(y, mouth_c[1] - 0.02 * h, mouth_c[1] + 0.08 * h)
+        * (1 - _smoothstep(y, chin_y, chin_y + 0.22 * h))
+        * _gauss(x, face_cx, 0.38 * w)
+    )
+    dy = gap * jaw
+    dx = np.zeros_like(dy)
+    brows = _gauss(y, eye_y - 0.13 * h, 0.07 * h) * _gauss(x, face_cx, 0.32 * w)
+    if expr.brow:
+        dy += ramp * expr.brow * h * brows
+    if expr.brow_inner:
+        dy -= ramp * expr.brow_inner * h * brows * _gauss(x, face_cx, 0.14 * w)
+    if expr.frown:
+        dx -= ramp * expr.frown * h * brows * np.tanh((x - face_cx) / (0.12 * w))
+    if expr.eyes:
+        dy += (
+            ramp
+            * expr.eyes
+            * (y - eye_y)
+            * _gauss(y, eye_y, 0.06 * h)
+            * _gauss(x, face_cx, 0.35 * w)
+        )
+    if expr.smile or expr.stretch:
+        rows = _gauss(y, float(mouth_c[1]), 0.08 * h)
+        for corner in mouth:
+            bump = rows * _gauss(x, float(corner[0]), 0.1 * h)
+            outwards = 1.0 if corner[0] > mouth_c[0] else -1.0
+            dy -= ramp * expr.smile * h * bump
+            dx += ramp * (0.4 * abs(expr.smile) + expr.stretch) * h * bump * outwards
+    if expr.sneer:
+        sx = float(mouth[side][0] * 0.6 + nose[0] * 0.4)
+        sy = float(mouth_c[1] * 0.55 + nose[1] * 0.45)
+        dy -= ramp * expr.sneer * h * _gauss(y, sy, 0.08 * h) * _gauss(x, sx, 0.09 * h)
+    return dx, dy
+
+
 def render_frames(
     layout: FaceLayout,
     loudness: np.ndarray,
@@ -488,104 +712,82 @@ def render_frames(
 ) -> np.ndarray:
     """Animate ``layout``: the jaw follows ``loudness`` ``[T]``, the rest follows ``label``.
 
-    Returns RGB uint8 ``[T, size, size, 3]``.
+    The face first deforms (smooth displacement fields around brows, eyes, mouth and jaw),
+    then the head moves rigidly (tilt about the face centre, translation). The smooth source
+    coordinates are computed on a quarter-resolution grid, upsampled, and every frame is
+    resampled at once. Returns RGB uint8 ``[T, size, size, 3]``.
     """
+    import torch
+    import torch.nn.functional as F
+
     expr = EXPRESSIONS[label]
-    image = layout.image
-    size = image.shape[0]
+    size = layout.image.shape[0]
     h = layout.face_height
     frames = loudness.shape[0]
     duration = max(frames / fps, 1e-6)
-    axis = np.arange(size, dtype=np.float32)
-    eyes, nose, mouth = layout.eyes, layout.nose, layout.mouth
-    mouth_c = layout.mouth_center
-    mouth_w = float(np.linalg.norm(mouth[1] - mouth[0]))
-    eye_y = float(eyes[:, 1].mean())
-    face_cx = float(eyes[:, 0].mean() * 0.5 + mouth_c[0] * 0.5)
-    chin_y = layout.box[1] + layout.box[3]
+    mouth, mouth_c = layout.mouth, layout.mouth_center
+    face_cx = float(layout.eyes[:, 0].mean() * 0.5 + mouth_c[0] * 0.5)
+    face_cy = layout.box[1] + 0.5 * h
 
-    # Per-clip randomness: intensity, head offset, sway, phases, side of the sneer.
+    # Per-clip randomness: intensity, onset, head offset, sway, phases, sides of sneer and tilt.
     intensity = rng.uniform(0.8, 1.2)
+    onset = rng.uniform(0.3, 0.6)
     offset = rng.uniform(-0.03, 0.03, size=2) * size
     sway_amp = rng.uniform(0.002, 0.006, size=2) * size
     sway_hz = rng.uniform(0.2, 0.45, size=2)
-    phases = rng.uniform(0, 2 * np.pi, size=5)
+    phases = rng.uniform(0, 2 * np.pi, size=4)
+    jitter = rng.normal(0.0, 1.0, size=(frames, 2))
     side = 1 if rng.random() < 0.5 else 0
+    tilt = 1.0 if rng.random() < 0.5 else -1.0  # the head tilts to either shoulder
+    # The expression swells and ebbs with the speech's emphasis (0.5-0.8 Hz, slow enough for a
+    # 2-4 fps sampling), never below half its peak once it has set in.
+    pulse_hz, pulse_phase = rng.uniform(0.5, 0.8), rng.uniform(0, 2 * np.pi)
 
-    # Jaw opening from loudness (lightly smoothed); up to ~14% of the face height.
+    # Per-frame strengths and rigid motion, [T].
+    tau = np.arange(frames) / fps
+    pulse = 0.75 + 0.25 * np.sin(2 * np.pi * pulse_hz * tau + pulse_phase)
+    ramp = intensity * pulse * _smoothstep(tau, 0.0, onset)
+    hx = offset[0] + sway_amp[0] * np.sin(2 * np.pi * sway_hz[0] * tau + phases[0])
+    hy = offset[1] + sway_amp[1] * np.sin(2 * np.pi * sway_hz[1] * tau + phases[1])
+    hy += ramp * expr.nod[0] * h * np.sin(2 * np.pi * expr.nod[1] * tau + phases[2])
+    hx += ramp * expr.shake[0] * h * np.sin(2 * np.pi * expr.shake[1] * tau + phases[3])
+    hx += ramp * expr.tremor * h * jitter[:, 0] + intensity * expr.drift[0] * h * tau / duration
+    hy += ramp * expr.tremor * h * jitter[:, 1] + intensity * expr.drift[1] * h * tau / duration
+    angle = np.radians(ramp * expr.roll * tilt)
+    cos = np.cos(angle).astype(np.float32)[:, None, None]
+    sin = np.sin(angle).astype(np.float32)[:, None, None]
+    # Jaw opening from loudness (lightly smoothed) plus a held gape.
     smoothed = np.convolve(np.pad(loudness, 1, mode="edge"), [0.25, 0.5, 0.25], "valid")
-    opening = expr.jaw * 0.14 * h * (1.0 - np.exp(-smoothed / 0.07))
+    gap = expr.jaw * 0.07 * h * (1.0 - np.exp(-smoothed / 0.07)) + ramp * expr.gape * h
 
-    # Static profiles (frame axes): jaw region below the mouth line, down to the chin.
-    jaw_y = _smoothstep(axis, mouth_c[1] - 0.02 * h, mouth_c[1] + 0.08 * h) * (
-        1 - _smoothstep(axis, chin_y, chin_y + 0.22 * h)
-    )
-    jaw_x = _gauss(axis, face_cx, 0.38 * layout.box[2])
-    brow_y = _gauss(axis, eye_y - 0.13 * h, 0.07 * h)
-    brow_x = _gauss(axis, face_cx, 0.32 * layout.box[2])
-    eye_prof_y = (axis - eye_y) * _gauss(axis, eye_y, 0.06 * h)
-    eye_x = _gauss(axis, face_cx, 0.35 * layout.box[2])
-    corner_y = _gauss(axis, mouth_c[1], 0.06 * h)
-    corners_x = [_gauss(axis, float(c[0]), 0.08 * h) for c in mouth]
-    sneer_x = _gauss(axis, float(mouth[side][0] * 0.6 + nose[0] * 0.4), 0.09 * h)
-    sneer_y = _gauss(axis, float(mouth_c[1] * 0.55 + nose[1] * 0.45), 0.08 * h)
+    def face_points(axis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels ``axis x axis`` moved into the face's frame (the rigid motion undone):
+        ``qx, qy`` ``[T, len(axis), len(axis)]``."""
+        px = (axis[None, None, :] - hx[:, None, None] - face_cx).astype(np.float32)
+        py = (axis[None, :, None] - hy[:, None, None] - face_cy).astype(np.float32)
+        return cos * px + sin * py + face_cx, -sin * px + cos * py + face_cy
 
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-    lips_rx = 0.42 * mouth_w
-    dark = np.array([55.0, 22.0, 28.0], dtype=np.float32)
-    out = np.empty((frames, size, size, 3), dtype=np.uint8)
-    for t in range(frames):
-        tau = t / fps
-        ramp = intensity * min(1.0, tau / 0.4)
-        progress = tau / duration
-        # Head translation: per-clip offset + sway + emotion motion.
-        hx = offset[0] + sway_amp[0] * math.sin(2 * np.pi * sway_hz[0] * tau + phases[0])
-        hy = offset[1] + sway_amp[1] * math.sin(2 * np.pi * sway_hz[1] * tau + phases[1])
-        hx += ramp * expr.shake[0] * h * math.sin(2 * np.pi * expr.shake[1] * tau + phases[2])
-        hy += ramp * expr.nod[0] * h * math.sin(2 * np.pi * expr.nod[1] * tau + phases[3])
-        hx += intensity * expr.drift[0] * h * progress
-        hy += intensity * expr.drift[1] * h * progress
-        # Local forward displacements (dx, dy) in face coordinates.
-        dy = opening[t] * np.outer(jaw_y, jaw_x)
-        dx = np.zeros_like(dy)
-        if expr.brow:
-            dy += ramp * expr.brow * h * np.outer(brow_y, brow_x)
-        if expr.eyes:
-            dy += ramp * expr.eyes * np.outer(eye_prof_y, eye_x)
-        if expr.smile:
-            for k, cx in enumerate(corners_x):
-                bump = np.outer(corner_y, cx)
-                dy -= ramp * expr.smile * h * bump
-                dx += ramp * 0.4 * abs(expr.smile) * h * bump * (1 if k == 1 else -1)
-        if expr.sneer:
-            dy -= ramp * expr.sneer * h * np.outer(sneer_y, sneer_x)
-        # Backward map: output pixel p shows the photo at p - head - local displacement.
-        src_x = xs - hx - dx
-        src_y = ys - hy - dy
-        frame = np.stack(
-            [
-                ndimage.map_coordinates(
-                    image[..., c], [src_y, src_x], order=1, mode="nearest", prefilter=False
-                )
-                for c in range(3)
-            ],
-            axis=-1,
-        )
-        # The open mouth: a dark ellipse between the lips.
-        gap = opening[t]
-        if gap > 0.3:
-            mx, my = mouth_c[0] + hx, mouth_c[1] + hy + 0.45 * gap
-            ry = 0.5 * gap + 0.5
-            y0, y1 = int(max(0, my - ry - 2)), int(min(size, my + ry + 3))
-            x0, x1 = int(max(0, mx - lips_rx - 2)), int(min(size, mx + lips_rx + 3))
-            if y1 > y0 and x1 > x0:
-                r = np.sqrt(
-                    ((xs[y0:y1, x0:x1] - mx) / lips_rx) ** 2 + ((ys[y0:y1, x0:x1] - my) / ry) ** 2
-                )
-                alpha = (np.clip((1.0 - r) * 3.0, 0, 1) * min(1.0, gap / 3.0) * 0.85)[..., None]
-                frame[y0:y1, x0:x1] = (1 - alpha) * frame[y0:y1, x0:x1] + alpha * dark
-        out[t] = np.clip(frame + 0.5, 0, 255).astype(np.uint8)
-    return out
+    qx, qy = face_points((np.arange(size // 4) + 0.5) * 4 - 0.5)  # quarter resolution
+    ramp_t, gap_t = ramp[:, None, None], gap[:, None, None]
+    dx, dy = _face_displacement(layout, expr, qx, qy, ramp_t, gap_t, side)
+    coarse = torch.from_numpy(np.stack([qx - dx, qy - dy], axis=1).astype(np.float32))
+    source = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    grid = (source.permute(0, 2, 3, 1) + 0.5) * (2.0 / size) - 1.0  # [T, H, W, (x, y)]
+    image = torch.from_numpy(layout.image).permute(2, 0, 1)[None].expand(frames, -1, -1, -1)
+    video = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    # The open mouth: a dark ellipse between the lips, carried by the head motion; drawn in
+    # face coordinates over the full-resolution pixels.
+    qx, qy = face_points(np.arange(size, dtype=np.float32))
+    rx = 0.42 * float(np.linalg.norm(mouth[1] - mouth[0]))
+    rx = rx * (1.0 + ramp_t * max(expr.stretch, 0.0) * 4.0)
+    ry = 0.5 * gap_t + 0.5
+    r = np.hypot((qx - mouth_c[0]) / rx, (qy - mouth_c[1] - 0.45 * gap_t) / ry)
+    strength = np.where(gap_t > 0.3, np.minimum(1.0, gap_t / 3.0) * 0.5, 0.0)
+    alpha = torch.from_numpy((np.clip((1.0 - r) * 3.0, 0, 1) * strength).astype(np.float32))
+    dark = torch.tensor([55.0, 22.0, 28.0]).view(1, 3, 1, 1)
+    video = torch.lerp(video, dark, alpha[:, None])
+    return (video + 0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 # --------------------------------------------------------------------------- encoding
@@ -701,27 +903,37 @@ def make_clip(spec: ClipSpec, out_dir: str | os.PathLike[str]) -> dict[str, Any]
 
 
 def demo_specs(
-    clips_per_label: int = 8,
-    identities: int = 4,
+    identities: int = 24,
+    sentences: int = 1,
     seconds: float = 3.0,
     fps: int = 25,
     size: int = 224,
     seed: int = 0,
 ) -> list[ClipSpec]:
-    """The clips of a demo set, round-robin over identities and sentences (deterministic)."""
+    """The clips of a demo set (deterministic): as in CREMA-D, every identity speaks each of
+    its ``sentences`` sentences in all six emotions, so neither the sentence nor the speaker
+    says anything about the label. Identity ``i`` takes the sentences after identity
+    ``i - 1``'s (cycling through the 12)."""
     names = identity_names(identities)
     codes = list(SENTENCES)
+    if not 1 <= sentences <= len(codes):
+        raise ValueError(f"sentences: expected 1..{len(codes)}, got {sentences}")
     specs = []
-    for li, label in enumerate(EMOTIONS):
-        for k in range(clips_per_label):
-            n = li * clips_per_label + k
-            identity = names[n % len(names)]
-            sentence = codes[(li * 7 + k * 5) % len(codes)]
-            clip_id = f"{identity}_{sentence}_{EMOTION_CODES[label]}_{k:02d}"
-            specs.append(
-                ClipSpec(clip_id, identity, label, sentence, (seed, li, k), seconds, fps, size)
-            )
+    for i, identity in enumerate(names):
+        for j in range(sentences):
+            sentence = codes[(i * sentences + j) % len(codes)]
+            for li, label in enumerate(EMOTIONS):
+                clip_id = f"{identity}_{sentence}_{EMOTION_CODES[label]}"
+                spec = ClipSpec(
+                    clip_id, identity, label, sentence, (seed, i, j, li), seconds, fps, size
+                )
+                specs.append(spec)
     return specs
+
+
+def voice_kind(name: str) -> str:
+    """``male`` or ``female``: the kind of an identity's espeak-ng voice (``+m3``, ``+f2``)."""
+    return "male" if "+m" in _identity(name).voice else "female"
 
 
 def _make_clip_task(args: tuple[ClipSpec, str]) -> dict[str, Any]:
@@ -730,31 +942,30 @@ def _make_clip_task(args: tuple[ClipSpec, str]) -> dict[str, Any]:
 
 def prepare_demo(
     out_dir: Path,
-    clips_per_label: int = 8,
-    identities: int = 4,
+    identities: int = 24,
+    sentences: int = 1,
     seconds: float = 3.0,
     fps: int = 25,
     size: int = 224,
     seed: int = 0,
-    splits: tuple[float, float, float] = (0.5, 0.25, 0.25),
+    splits: tuple[float, float, float] = (0.6, 0.2, 0.2),
     workers: int = 1,
 ) -> pd.DataFrame:
     """Generate the demo set under ``out_dir`` (``clips/*.mp4`` + ``manifest.parquet``).
 
-    ``6 * clips_per_label`` clips of ``seconds`` at ``fps`` (``size x size`` video, 16 kHz mono
-    audio), spread round-robin over the first ``identities`` faces; splits are by identity
-    (``splits`` fractions, seeded). Same seed, same clips. ``workers > 1`` renders clips in a
-    spawned process pool. Returns the manifest as :func:`read_manifest` gives it.
+    ``identities x sentences x 6`` clips of ``seconds`` at ``fps`` (``size x size`` video,
+    16 kHz mono audio; see :func:`demo_specs`); splits are by identity (``splits`` fractions,
+    seeded), with both voice kinds on every side when there are enough identities. Same seed,
+    same clips; generated clips of other settings are removed. ``workers > 1`` renders clips
+    in a spawned process pool. Returns the manifest as :func:`read_manifest` gives it.
     """
-    if clips_per_label < 1:
-        raise ValueError(f"clips_per_label: expected >= 1, got {clips_per_label}")
     if seconds <= 0 or fps <= 0 or size < 32 or size % 2:
         raise ValueError(
             f"need seconds > 0, fps > 0, even size >= 32; got {seconds}, {fps}, {size}"
         )
     out_dir = Path(out_dir)
     (out_dir / "clips").mkdir(parents=True, exist_ok=True)
-    specs = demo_specs(clips_per_label, identities, seconds, fps, size, seed)
+    specs = demo_specs(identities, sentences, seconds, fps, size, seed)
     jobs = [(s, str(out_dir)) for s in specs]
     if workers > 1 and len(jobs) > 1:
         context = multiprocessing.get_context("spawn")
@@ -762,7 +973,8 @@ def prepare_demo(
             extras = list(pool.map(_make_clip_task, jobs))
     else:
         extras = [_make_clip_task(job) for job in jobs]
-    speaker_split = assign_speaker_splits([s.identity for s in specs], splits, seed)
+    names = identity_names(identities)
+    speaker_split = assign_speaker_splits(names, splits, seed, {n: voice_kind(n) for n in names})
     rows = [
         ManifestRow(
             clip_id=s.clip_id,
@@ -776,5 +988,9 @@ def prepare_demo(
         for s, extra in zip(specs, extras, strict=True)
     ]
     write_manifest(rows, out_dir)
+    wanted = {f"{s.clip_id}.mp4" for s in specs}
+    for stale in (out_dir / "clips").glob("*.mp4"):  # clips of an earlier, other demo set
+        if stale.name not in wanted:
+            stale.unlink()
     log.info("demo: %d clips of %d identities in %s", len(rows), identities, out_dir)
     return read_manifest(out_dir)

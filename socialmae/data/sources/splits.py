@@ -7,7 +7,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -66,19 +66,34 @@ def assign_speaker_splits(
     speakers: Iterable[str],
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
+    strata: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Map each distinct speaker to ``train``/``val``/``test``.
 
     Deterministic for a seed (the input order does not matter), no speaker in two splits, and
     every split with a positive fraction is non-empty when there are at least 3 speakers.
+    With ``strata`` (speaker -> group, e.g. voice type) the groups are interleaved so that
+    each split, smallest first, holds speakers of as many groups as its size allows.
     """
     unique = sorted(set(speakers))
-    order = list(unique)
-    random.Random(seed).shuffle(order)
-    counts = split_counts(len(order), fractions)
+    counts = split_counts(len(unique), fractions)
+    rng = random.Random(seed)
+    if strata is None:
+        order = list(unique)
+        rng.shuffle(order)
+        fill = list(SPLITS)
+    else:
+        groups: dict[str, list[str]] = {}
+        for speaker in unique:
+            groups.setdefault(strata[speaker], []).append(speaker)
+        pools = [groups[g] for g in sorted(groups)]
+        for pool in pools:
+            rng.shuffle(pool)
+        order = [p[i] for i in range(max(map(len, pools))) for p in pools if i < len(p)]
+        fill = sorted(SPLITS, key=lambda s: (counts[s], SPLITS.index(s)))
     result: dict[str, str] = {}
     start = 0
-    for split in SPLITS:
+    for split in fill:
         for speaker in order[start : start + counts[split]]:
             result[speaker] = split
         start += counts[split]
