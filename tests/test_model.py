@@ -146,3 +146,43 @@ def test_sdpa_switch_gives_the_same_model_output():
     slow = model(audio, video, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(fast.pred_video, slow.pred_video, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("setting", ["decoder", "encoder", "all"])
+def test_activation_checkpointing_recomputes_with_the_same_losses_and_gradients(setting):
+    torch.manual_seed(0)
+    plain = SocialMAE.from_preset("tiny")
+    recomputing = SocialMAE.from_preset("tiny", activation_checkpointing=setting)
+    recomputing.load_state_dict(plain.state_dict())
+    audio, video = tiny_inputs(2)
+    calls = {"decoder": 0, "encoder": 0}
+
+    def count(group):
+        def hook(module, args):
+            calls[group] += 1
+
+        return hook
+
+    recomputing.decoder_blocks[0].register_forward_pre_hook(count("decoder"))
+    recomputing.blocks_a[0].register_forward_pre_hook(count("encoder"))
+    outs = []
+    for model in (plain, recomputing):
+        out = model(audio, video, generator=torch.Generator().manual_seed(1))
+        out.loss.backward()
+        outs.append(out)
+    for name in ("loss", "loss_mae_audio", "loss_mae_video", "loss_contrastive"):
+        assert torch.equal(getattr(outs[0], name), getattr(outs[1], name)), name
+    grads = dict(recomputing.named_parameters())
+    for name, param in plain.named_parameters():
+        if param.grad is None:
+            assert grads[name].grad is None, name
+        else:
+            assert torch.equal(param.grad, grads[name].grad), name
+    # the checkpointed blocks ran again in backward, the others once
+    assert calls["decoder"] == (2 if setting in ("decoder", "all") else 1)
+    assert calls["encoder"] == (2 if setting in ("encoder", "all") else 1)
+
+
+def test_activation_checkpointing_setting_is_checked():
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        SocialMAE.from_preset("tiny", activation_checkpointing="some")

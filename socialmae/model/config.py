@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 ChannelOrder = Literal["RGB", "BGR"]
+ActivationCheckpointing = Literal["none", "decoder", "encoder", "all"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class SocialMAEConfig:
     legacy_target_order: bool = False
     # Attention through F.scaled_dot_product_attention; False selects the manual path.
     use_sdpa: bool = True
+    # Recompute block activations in backward instead of storing them: none, decoder (the
+    # decoder blocks run over all tokens and hold most of the activations), encoder, or all.
+    activation_checkpointing: ActivationCheckpointing = "none"
     # Preprocessing the weights were trained with (read by the data loader).
     fbank_mean: float = -6.2943
     fbank_std: float = 12.26344
@@ -65,6 +69,11 @@ class SocialMAEConfig:
         need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}")
         need(self.fbank_std > 0, f"fbank_std must be positive, got {self.fbank_std}")
         need(self.channel_order in ("RGB", "BGR"), f"channel_order is {self.channel_order!r}")
+        need(
+            self.activation_checkpointing in ("none", "decoder", "encoder", "all"),
+            f"activation_checkpointing must be none, decoder, encoder or all, "
+            f"got {self.activation_checkpointing!r}",
+        )
         for num, den in (
             ("audio_length", "patch_size"), ("num_mel_bins", "patch_size"),
             ("image_size", "patch_size"), ("num_frames", "tubelet_size"),

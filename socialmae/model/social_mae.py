@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Self
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from socialmae.losses import (
@@ -201,10 +202,21 @@ class SocialMAEEncoder(nn.Module):
 
     # ---------------------------------------------------------------- encoder stages
 
-    @staticmethod
-    def _run(blocks: nn.ModuleList, x: torch.Tensor, modality: Literal["a", "v"] | None = None):
+    def _run(
+        self, blocks: nn.ModuleList, x: torch.Tensor, modality: Literal["a", "v"] | None = None
+    ) -> torch.Tensor:
+        """``blocks`` over ``x`` ``[B, N, D]``; with activation checkpointing for this group of
+        blocks (``config.activation_checkpointing``), each block's activations are recomputed in
+        backward instead of kept (same results: the blocks hold no randomness)."""
+        group = "decoder" if blocks is getattr(self, "decoder_blocks", None) else "encoder"
+        recompute = self.config.activation_checkpointing in (group, "all") and (
+            torch.is_grad_enabled() and x.requires_grad
+        )
         for block in blocks:
-            x = block(x, modality)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, modality, use_reentrant=False)
+            else:
+                x = block(x, modality)
         return x
 
     def encode_joint(self, audio_tokens: torch.Tensor, video_tokens: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from socialmae.checkpoints import initialize_from, load_checkpoint
 from socialmae.data.dataset import Augment, ClipSampling, ShardDataset, fbank_statistics
 from socialmae.io import atomic_write, atomic_write_csv, atomic_write_text
 from socialmae.model import SocialMAEClassifier, get_preset
+from socialmae.model.config import ActivationCheckpointing
 from socialmae.model.social_mae import MODES, Mode
 from socialmae.params import deep_merge, from_mapping
 from socialmae.tasks import TaskSpec, get_task
@@ -97,6 +98,8 @@ class FinetuneParams:
     bootstrap_resamples: int = 1000
     permutations: int = 10000
     precision: Precision = "auto"
+    activation_checkpointing: ActivationCheckpointing | None = None  # as in pretraining; null:
+    # the init checkpoint's (or preset's) setting
     device: str = "auto"
     workers: int = 2
     cache: bool = False  # keep decoded clips in memory in each loader process (small sets)
@@ -174,6 +177,8 @@ def build_classifier(
     config = get_preset(params.preset)
     if params.init:
         config = load_checkpoint(params.init).config
+    if params.activation_checkpointing is not None:
+        config = config.replace(activation_checkpointing=params.activation_checkpointing)
     model = SocialMAEClassifier(config, task.num_outputs, task.kind, task.labels, mode)
     if params.init:
         report = initialize_from(model, params.init)
@@ -472,7 +477,8 @@ def _finetune(
     optimizer = build_optimizer(groups, params.optim)
     dtype = autocast_dtype(params.precision, ctx.device)
     scaler = grad_scaler(dtype, ctx.device)
-    ignored = ("workers", "device", "cache", "modes")  # they do not change the trajectory
+    ignored = ("workers", "device", "cache", "modes", "activation_checkpointing")  # they do not
+    # change the trajectory
     resume_key = {k: v for k, v in asdict(params).items() if k not in ignored}
     resume_key = {**resume_key, "task": task.name, "mode": mode, "clips": len(train_set),
                   "world_size": ctx.world_size}  # fmt: skip

@@ -26,6 +26,7 @@ from socialmae.data.dataset import ClipSampling, ShardDataset, fbank_statistics
 from socialmae.io import atomic_write_csv, atomic_write_text
 from socialmae.losses import LossWeights, masked_reconstruction_loss, normalize_patches
 from socialmae.model import SocialMAE, get_preset
+from socialmae.model.config import ActivationCheckpointing
 from socialmae.model.masking import AudioMaskMode
 from socialmae.tracking import Tracker
 from socialmae.train import distributed
@@ -75,6 +76,8 @@ class PretrainParams:
     eval_split: str | None = "val"  # held-out clips scored before and after; null: none
     precision: Precision = "auto"
     compile: bool = False
+    activation_checkpointing: ActivationCheckpointing | None = None  # none, decoder, encoder,
+    # all: recompute those blocks' activations in backward (less memory); null: the preset's
     device: str = "auto"
     workers: int = 2  # DataLoader processes per rank
     checkpoint_every: int = 100  # optimizer steps
@@ -114,7 +117,7 @@ def _resume_fingerprint(params: PretrainParams, dataset_size: int, world_size: i
     """Everything that changes the trajectory (not logging or checkpoint cadence)."""
     values = asdict(params)
     for key in ("checkpoint_every", "keep_checkpoints", "log_every", "workers", "max_steps",
-                "device"):  # fmt: skip
+                "device", "activation_checkpointing"):  # fmt: skip
         values.pop(key)
     return fingerprint({**values, "clips": dataset_size, "world_size": world_size})
 
@@ -159,6 +162,8 @@ def _pretrain(
             logger.info(
                 "fbank statistics of the %d clips: mean %.4f std %.4f", len(probe), mean, std
             )
+    if params.activation_checkpointing is not None:
+        config = config.replace(activation_checkpointing=params.activation_checkpointing)
     model = SocialMAE(config)
     init_report = initialize_from(model, params.init).summary() if params.init else "scratch"
     model.to(ctx.device)
