@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -104,6 +105,37 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+SECTIONS = ("tasks", "mlflow", "data", "download", "crop", "validate", "pretrain", "finetune",
+            "tune", "register")  # fmt: skip  # the top level of params.yaml
+
+
+def check_device(value: str) -> None:
+    """``device`` params: auto, cpu, mps, cuda or cuda:N (raises ``ParamsError``)."""
+    if not isinstance(value, str) or not DEVICE.fullmatch(value):
+        raise ParamsError("device", f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+
+
+def check_preset(name: str) -> None:
+    """A model preset name (raises ``ParamsError`` naming the choices)."""
+    from socialmae.model.config import get_preset
+
+    try:
+        get_preset(name)
+    except KeyError as exc:
+        raise ParamsError("preset", str(exc.args[0])) from None
+
+
+def load_params(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The pipeline's params file: :func:`load_yaml`, with every top-level section known (a
+    misspelt ``pretrian:`` would otherwise be ignored and its stage run on defaults)."""
+    data = load_yaml(path)
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(unknown[0], f"unknown section of {path}; known: {list(SECTIONS)}")
+    return data
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from socialmae.data.errors import MediaError
 from socialmae.data.manifest import read_manifest
 from socialmae.data.sources.catalog import SOURCES, check_names, parse_download
 from socialmae.io import atomic_write_text
-from socialmae.params import ParamsError, from_mapping, load_yaml
+from socialmae.params import ParamsError, from_mapping, load_params
 
 RAW = Path("data/raw")
 FACES = Path("data/interim/faces")
@@ -51,7 +51,7 @@ def stage_download(params_path: str | os.PathLike[str], root: Path = RAW) -> dic
     Each selected dataset's ``download.<name>`` section goes to its prepare function (see
     ``socialmae.data.sources.catalog``); a dataset that ends up with no clip stops the stage.
     """
-    params = load_yaml(params_path)
+    params = load_params(params_path)
     names = _datasets(params)
     sections = parse_download(params.get("download"), names)
     metrics: dict[str, Any] = {}
@@ -77,7 +77,7 @@ def stage_crop_faces(
 ) -> dict[str, Any]:
     """Face crops and audio into shards, with the per-clip table; counts and timings go to
     ``crop_metrics.json`` beside ``out`` (see :data:`CROP_METRICS_NAME`)."""
-    params = load_yaml(params_path)
+    params = load_params(params_path)
     crop = from_mapping(CropParams, params.get("crop"), "crop")
     manifest = pd.concat([read_manifest(root / d) for d in _datasets(params)], ignore_index=True)
     metrics = crop_faces(manifest, out, crop)
@@ -94,7 +94,7 @@ def stage_validate(
     """Great Expectations checks; raises ``ValidationFailed`` when a threshold is crossed."""
     from socialmae.data.validate import ValidationThresholds, run_validate
 
-    params = load_yaml(params_path)
+    params = load_params(params_path)
     thresholds = from_mapping(ValidationThresholds, params.get("validate"), "validate")
     manifests = [root / d for d in _datasets(params)]
     return run_validate(faces, manifests, thresholds, out).metrics

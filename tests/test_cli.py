@@ -325,3 +325,24 @@ def test_serve_answers_http_requests_and_stops_on_sigterm(
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass  # the server is gone with it
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "params", "message"),
+    [
+        (["pretrain"], {"pretrain": {"preset": "nosuch"}}, "pretrain.preset: unknown preset"),
+        (["pretrain"], {"pretrain": {"device": "tpu"}}, "pretrain.device: expected auto"),
+        (["pretrain"], {"pretrian": {"epochs": 1}}, "pretrian: unknown section"),
+        (["crop-faces"], {"crop": {"detector_backbone": "vgg"}}, "crop.detector_backbone"),
+        (["finetune", "demo"], {"finetune": {"demo": {"device": "tpu"}}}, "finetune.demo.device"),
+        (["finetune", "demo"], {"finetune": {"demo": {"by_mode": {"video": {"lr": 1}}}}},
+         "by_mode.video.lr"),
+    ],
+)  # fmt: skip
+def test_stage_user_errors_exit_2_before_any_work(command, params, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data: any work would fail differently
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    done = _run(*command, "--params", tmp_path / "params.yaml")
+    assert done.exit_code == 2, done.output
+    assert message in done.stderr and "Traceback" not in done.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -3,6 +3,7 @@ and a 2-process gloo DDP run matches one process with the same global batch."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +19,9 @@ from safetensors.torch import load_file
 from socialmae.data.dataset import ShardDataset
 from socialmae.model import SocialMAE, get_preset
 from socialmae.params import ParamsError, from_mapping
+from socialmae.train.engine import Checkpointer, Position
 from socialmae.train.pretrain import PretrainParams, pretrain
+from socialmae.train.stages import stage_pretrain
 
 WORKER = Path(__file__).with_name("pretrain_worker.py")
 TINY = {
@@ -164,3 +167,49 @@ def test_bad_params_name_the_key():
         from_mapping(PretrainParams, {"batchsize": 8}, "pretrain")
     with pytest.raises(ParamsError, match="batch must be >= 1"):
         from_mapping(PretrainParams, {"batch": 0}, "pretrain")
+
+
+@pytest.mark.parametrize(
+    "values, key, reason",
+    [
+        ({"preset": "nosuch"}, "pretrain.preset", "unknown preset"),
+        ({"device": "tpu"}, "pretrain.device", "expected auto, cpu"),
+        ({"datasets": ["nosuch"]}, r"pretrain.datasets\[0\]", "unknown dataset"),
+        ({"split": "bogus"}, "pretrain.split", "expected one of"),
+        ({"mask_ratio_audio": 1.5}, "pretrain.mask_ratio_audio", r"ratio in \[0, 1\)"),
+        ({"activation_checkpointing": "some"}, "pretrain.activation_checkpointing", "one of"),
+    ],
+)  # fmt: skip
+def test_values_that_parse_but_are_invalid_stop_before_any_work(values, key, reason, tmp_path):
+    """Checked when params are read: nothing in the output (resume checkpoints) is touched."""
+    out = tmp_path / "out"
+    kept = out / "checkpoints" / "step-00000003"
+    kept.mkdir(parents=True)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"pretrain": {**TINY, **values}}))
+    with pytest.raises(ParamsError, match=reason) as info:
+        stage_pretrain(path, tmp_path / "no-shards", tmp_path / "no-validation", out)
+    assert re.fullmatch(key, info.value.key) and kept.is_dir()
+
+
+def test_a_misspelt_section_is_an_error_not_defaults(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"pretrian": {"epochs": 1}}))
+    with pytest.raises(ParamsError, match="unknown section") as info:
+        stage_pretrain(path, tmp_path / "no-shards", tmp_path / "no-validation", tmp_path / "o")
+    assert info.value.key == "pretrian"
+
+
+def test_checkpoints_of_other_settings_are_set_aside_until_the_new_run_saves(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    Checkpointer(tmp_path, "first").save(model, optimizer, scaler, Position(3, 0, 0))
+    other = Checkpointer(tmp_path, "second")
+    assert other.latest() is None  # other settings: start from scratch...
+    assert (tmp_path / "aside-first" / "step-00000003").is_dir()  # ...but nothing is lost
+    back = Checkpointer(tmp_path, "first").latest()  # the earlier settings again: resume
+    assert back is not None and back.name == "step-00000003"
+    assert other.latest() is None
+    other.save(model, optimizer, scaler, Position(1, 0, 0))
+    assert not list(tmp_path.glob("aside-*")) and other.latest().name == "step-00000001"

@@ -30,10 +30,12 @@ from rich.progress import Progress
 from socialmae.data.clips import CLIP_COLUMNS, CLIPS_TABLE, ClipRecord
 from socialmae.data.decode import SAMPLE_RATE, decode_audio, iter_frames, probe
 from socialmae.data.errors import MediaError
+from socialmae.data.faces import Backbone
 from socialmae.data.features import rms_db
 from socialmae.data.shards import ShardSample, encode_jpeg, write_shard
 from socialmae.data.tracking import smooth_square_boxes, square_crop, track_main_face
 from socialmae.io import atomic_write, atomic_write_text
+from socialmae.params import check_device
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class CropParams:
     max_side: int = 1280  # decode frames no larger than this (aspect kept)
     max_seconds: float = 600.0  # longer clips keep their first max_seconds
     min_duration: float = 0.5  # shorter clips are quarantined
-    detector_backbone: str = "mobilenet0.25"
+    detector_backbone: Backbone = "mobilenet0.25"
     detector_weights: str | None = None  # path/URL of ResNet-50 weights; None: bundled model
     detector_max_size: int = 640
     detector_confidence: float = 0.7
@@ -74,6 +76,7 @@ class CropParams:
             "clips_per_shard": self.clips_per_shard >= 1,
             "workers": self.workers >= 1,
         }
+        check_device(self.device)
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             values = {name: getattr(self, name) for name in bad}

@@ -261,6 +261,9 @@ def test_set_fingerprint(clip_ids: Iterable[str]) -> str:
     return fingerprint(sorted(map(str, clip_ids)))
 
 
+ASIDE_PREFIX = "aside-"  # checkpoints of other settings, kept until the new run saves its own
+
+
 class Checkpointer:
     """Resumable state under ``directory/step-<n>/``, written atomically, newest ``keep`` kept.
 
@@ -308,26 +311,38 @@ class Checkpointer:
         path = atomic_directory(self.dir / f"step-{position.step:08d}", write)
         for old in self._steps()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+        for aside in self.dir.glob(f"{ASIDE_PREFIX}*"):  # this run has its own checkpoint now
+            shutil.rmtree(aside, ignore_errors=True)
         atomic_write_text(self.dir / "latest", path.name + "\n")
         return path
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None; checkpoints written with other settings are
-        removed (they would otherwise outrank the new run's by step number)."""
+        """The newest complete checkpoint of these settings, or None.
+
+        Checkpoints written with other settings are moved aside (``aside-<fingerprint>/``), not
+        deleted, until this run has saved its own: a run that fails early, or goes back to the
+        earlier settings, loses nothing (the set aside for these settings comes back)."""
         steps = self._steps()
-        if not steps:
-            return None
-        newest = steps[-1]
-        meta = json.loads((newest / TRAINER_STATE).read_text())
-        if meta.get("fingerprint") != self.fingerprint:
+        if steps:
+            meta = json.loads((steps[-1] / TRAINER_STATE).read_text())
+            if meta.get("fingerprint") == self.fingerprint:
+                return steps[-1]
+            aside = self.dir / f"{ASIDE_PREFIX}{meta.get('fingerprint', 'unknown')}"
             logger.warning(
-                "%s was written with other settings: removing it and starting from scratch",
-                newest,
-            )
+                "%s was written with other settings: moved aside to %s; starting from scratch",
+                steps[-1], aside,
+            )  # fmt: skip
+            aside.mkdir(exist_ok=True)
             for stale in steps:
-                shutil.rmtree(stale, ignore_errors=True)
-            return None
-        return newest
+                stale.rename(aside / stale.name)
+        mine = self.dir / f"{ASIDE_PREFIX}{self.fingerprint}"
+        if mine.is_dir():  # these settings ran before: their checkpoints come back
+            for kept in sorted(mine.glob("step-*")):
+                kept.rename(self.dir / kept.name)
+            shutil.rmtree(mine, ignore_errors=True)
+            steps = self._steps()
+            return steps[-1] if steps else None
+        return None
 
     def load(
         self,

@@ -33,7 +33,7 @@ from socialmae.io import atomic_write, atomic_write_csv, atomic_write_text
 from socialmae.model import SocialMAEClassifier, get_preset
 from socialmae.model.config import ActivationCheckpointing
 from socialmae.model.social_mae import MODES, Mode
-from socialmae.params import deep_merge, from_mapping
+from socialmae.params import check_device, check_preset, deep_merge, from_mapping
 from socialmae.tasks import TaskSpec, get_task
 from socialmae.tracking import Tracker, ensure_experiment
 from socialmae.train import distributed, metrics
@@ -131,7 +131,8 @@ class FinetuneParams:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        get_preset(self.preset)
+        check_preset(self.preset)
+        check_device(self.device)
 
 
 def with_overrides(params: FinetuneParams, overrides: Mapping[str, Any]) -> FinetuneParams:

@@ -23,11 +23,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from socialmae.checkpoints import initialize_from
 from socialmae.data.dataset import ClipSampling, ShardDataset, fbank_statistics
+from socialmae.data.manifest import SPLITS
 from socialmae.io import atomic_write_csv, atomic_write_text
 from socialmae.losses import LossWeights, masked_reconstruction_loss, normalize_patches
 from socialmae.model import SocialMAE, get_preset
 from socialmae.model.config import ActivationCheckpointing
 from socialmae.model.masking import AudioMaskMode
+from socialmae.params import ParamsError, check_device, check_preset
 from socialmae.tracking import Tracker
 from socialmae.train import distributed
 from socialmae.train.engine import (
@@ -91,7 +93,19 @@ class PretrainParams:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
-        get_preset(self.preset)
+        for name in ("mask_ratio_audio", "mask_ratio_video"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ParamsError(name, f"expected a ratio in [0, 1), got {getattr(self, name)}")
+        for name in ("split", "eval_split"):
+            value = getattr(self, name)
+            if value is not None and value not in SPLITS:
+                raise ParamsError(name, f"expected one of {list(SPLITS)} or null, got {value!r}")
+        if self.datasets is not None:
+            from socialmae.data.sources.catalog import check_names
+
+            check_names(self.datasets, "datasets")
+        check_preset(self.preset)
+        check_device(self.device)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import pandas as pd
 
 from socialmae.io import atomic_write_text
 from socialmae.model.social_mae import MODES
-from socialmae.params import ParamsError, deep_merge, from_mapping, load_yaml
+from socialmae.params import ParamsError, deep_merge, from_mapping, load_params
 from socialmae.pipeline import FACES, VALIDATION
 from socialmae.tasks import TASKS, get_task
 from socialmae.tracking import resolve_tracking_uri
@@ -86,7 +86,7 @@ def finetune_params(params: dict[str, Any], task: str, tuned: Path | None) -> Fi
     """The task's fine-tuning params, with the tuned values from ``tuned`` (if it exists)."""
     section = merged_section(params, "finetune", task)
     base = from_mapping(FinetuneParams, section, f"finetune.{task}")
-    for mode in base.modes:  # a bad per-mode key stops here, before any work
+    for mode in base.by_mode:  # a bad per-mode key stops here, before any work
         params_for_mode(base, mode)
     if tuned is None or not tuned.is_file():
         return base
@@ -102,7 +102,7 @@ def stage_pretrain(
     out: Path = PRETRAIN,
 ) -> dict[str, Any]:
     """Self-supervised pretraining on the accepted clips (``pretrain`` in params.yaml)."""
-    params = load_yaml(params_path)
+    params = load_params(params_path)
     settings = from_mapping(PretrainParams, params.get("pretrain"), "pretrain")
     accepted = accepted_clips(validation, settings.datasets)
     return pretrain(settings, shards, out, accepted, tracking_uri(params))
@@ -119,7 +119,7 @@ def stage_finetune(
     """Fine-tune ``task`` in each of its modes (``finetune.defaults`` + ``finetune.<task>`` +
     tuned values) and compare the modes (see :func:`~socialmae.train.finetune.finetune_modes`)."""
     get_task(task)
-    params = load_yaml(params_path)
+    params = load_params(params_path)
     tuned = tuned if tuned is not None else TUNE / task / BEST_PARAMS
     settings = finetune_params(params, task, tuned)
     out = out if out is not None else FINETUNE / task
@@ -150,7 +150,7 @@ def _study(params_path, task: str, shards: Path, validation: Path, workdir: Path
     from socialmae.train.tune import parse_tune
 
     spec = get_task(task)
-    params = load_yaml(params_path)
+    params = load_params(params_path)
     section = merged_section(params, "tune", task)
     enabled = section.pop("enabled", True)
     if not isinstance(enabled, bool):
@@ -280,7 +280,7 @@ def stage_register(
     from socialmae.train.finetune import predict_dataset
 
     spec = get_task(task)
-    params = load_yaml(params_path)
+    params = load_params(params_path)
     settings = from_mapping(RegisterParams, params.get("register"), "register")
     crop = from_mapping(CropParams, params.get("crop"), "crop")
     tuned = finetune_params(params, task, TUNE / task / BEST_PARAMS)
