@@ -24,6 +24,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -46,6 +47,11 @@ PREPROCESSING_NAME = "preprocessing.json"
 PATH_COLUMN = "path"
 LABEL_COLUMN = "label"
 ERROR_COLUMN = "error"
+
+
+NEEDS: dict[str, Literal["both", "audio", "video"]] = {
+    "multimodal": "both", "audio": "audio", "video": "video",
+}  # fmt: skip  # the streams each mode reads: a voice-only file is enough for ``audio``
 
 
 @dataclass(frozen=True)
@@ -235,7 +241,8 @@ class Predictor:
                 rows, clips = [], []
                 for i in range(start, min(start + batch_size, len(paths))):
                     try:
-                        clips.append(load_clip(paths[i], pre.config, pre.crop, pre.sampling))
+                        clips.append(load_clip(paths[i], pre.config, pre.crop, pre.sampling,
+                                               need=NEEDS[mode]))  # fmt: skip
                         rows.append(i)
                     except MediaError as exc:
                         errors[i] = exc.reason

@@ -15,6 +15,7 @@ from socialmae.data.crop import CropParams
 from socialmae.data.dataset import ClipSampling, load_clip
 from socialmae.data.errors import MediaError
 from socialmae.inference import (
+    NEEDS,
     PREPROCESSING_NAME,
     Predictor,
     read_preprocessing,
@@ -41,9 +42,11 @@ def media(tmp_path_factory) -> dict[str, Path]:
 def _reference(predictor: Predictor, path: Path, mode: str = "multimodal") -> torch.Tensor:
     """What the model outputs for one clip, computed by hand: ``[K]``."""
     pre = predictor.preprocessing
-    clip = load_clip(path, pre.config, pre.crop, pre.sampling)
+    clip = load_clip(path, pre.config, pre.crop, pre.sampling, need=NEEDS[mode])
+    audio = clip.audio[None] if mode != "video" else None
+    video = clip.video[None] if mode != "audio" else None
     with torch.no_grad():
-        return predictor.model(clip.audio[None], clip.video[None], mode)[0]
+        return predictor.model(audio, video, mode)[0]
 
 
 def test_predict_mixes_good_and_bad_files(classifier_dir, media):
@@ -87,6 +90,25 @@ def test_batch_size_and_frame(classifier_dir, media):
     assert one.loc[1, predictor.score_columns].isna().all()
 
 
+def test_each_mode_needs_only_its_own_streams(classifier_dir, media, tmp_path):
+    """A voice-only file (or a face clip without a face) in audio mode, a silent face clip in
+    video mode; multimodal still needs both."""
+    voice = write_clip(tmp_path / "voice.mp4", video=False)
+    mute = write_clip(tmp_path / "mute.mp4", audio_rate=None)
+    predictor = Predictor.load(classifier_dir)
+    (heard,) = predictor.predict([voice], mode="audio")
+    (blank,) = predictor.predict([media["no_face"]], mode="audio")
+    (seen,) = predictor.predict([mute], mode="video")
+    assert heard.error is None and blank.error is None and seen.error is None
+    assert heard.label in EMOTIONS and seen.label in EMOTIONS
+    both = predictor.predict([voice, mute, media["no_face"]], mode="multimodal")
+    assert [p.error for p in both] == ["no video stream", "no audio stream",
+                                       both[2].error]  # fmt: skip
+    assert "no face" in both[2].error
+    (wrong,) = predictor.predict([voice], mode="video")
+    assert wrong.error == "no video stream"
+
+
 @pytest.mark.parametrize("mode", ["audio", "video"])
 def test_unimodal_modes_match_the_model(classifier_dir, media, mode):
     predictor = Predictor.load(classifier_dir)
@@ -119,7 +141,7 @@ def test_embed_aligned_with_inputs(classifier_dir, media):
     assert out.ok.tolist() == [False, True] and out.errors[1] is None
     assert np.isnan(out.vectors[0]).all()
     pre = predictor.preprocessing
-    clip = load_clip(media["face"], pre.config, pre.crop, pre.sampling)
+    clip = load_clip(media["face"], pre.config, pre.crop, pre.sampling, need="audio")
     with torch.no_grad():
         expected = predictor.model.embed(clip.audio[None], None, "audio")[0]
     np.testing.assert_allclose(out.vectors[1], expected.numpy(), atol=1e-5, rtol=1e-4)

@@ -117,11 +117,14 @@ def _batches(
         yield batch
 
 
-def process_clip(row: dict[str, Any], params: CropParams) -> tuple[ClipRecord, ShardSample | None]:
+def process_clip(
+    row: dict[str, Any], params: CropParams, need_audio: bool = True
+) -> tuple[ClipRecord, ShardSample | None]:
     """Decode, detect, track and crop one manifest row.
 
     Returns the clip's record and its shard sample, or ``(record, None)`` with
-    ``status="quarantined"`` and the reason when the clip cannot be used.
+    ``status="quarantined"`` and the reason when the clip cannot be used. Without
+    ``need_audio`` (inference from the face alone) a file without audio gets silence.
     """
     record = ClipRecord(
         clip_id=str(row["clip_id"]),
@@ -134,7 +137,7 @@ def process_clip(row: dict[str, Any], params: CropParams) -> tuple[ClipRecord, S
         status="quarantined",
     )
     try:
-        return _process(record, params)
+        return _process(record, params, need_audio)
     except MediaError as exc:
         record.reason = exc.reason
     except Exception as exc:  # a clip must never take the stage down
@@ -143,16 +146,18 @@ def process_clip(row: dict[str, Any], params: CropParams) -> tuple[ClipRecord, S
     return record, None
 
 
-def _process(record: ClipRecord, params: CropParams) -> tuple[ClipRecord, ShardSample | None]:
+def _process(
+    record: ClipRecord, params: CropParams, need_audio: bool = True
+) -> tuple[ClipRecord, ShardSample | None]:
     path = record.path
     info = probe(path)
     record.fps, record.width, record.height = info.fps, info.width, info.height
     record.sample_rate, record.channels = info.sample_rate, info.channels
     if not info.has_video:
         raise MediaError(path, "no video stream")
-    if not info.has_audio:
+    if not info.has_audio and need_audio:
         raise MediaError(path, "no audio stream")
-    audio = decode_audio(path, SAMPLE_RATE, params.max_seconds)
+    audio = decode_audio(path, SAMPLE_RATE, params.max_seconds) if info.has_audio else None
 
     detector = _detector(params)
     times: list[float] = []
@@ -166,6 +171,8 @@ def _process(record: ClipRecord, params: CropParams) -> tuple[ClipRecord, ShardS
         times.extend(t for t, _ in batch)
 
     video_seconds = times[-1] + 1.0 / params.frame_rate
+    if audio is None:  # a silent file, allowed when the caller does not need the voice
+        audio = np.zeros(round(video_seconds * SAMPLE_RATE), dtype=np.float32)
     record.duration = round(min(video_seconds, audio.size / SAMPLE_RATE), 3)
     if record.duration < params.min_duration:
         raise MediaError(path, f"too short: {record.duration:.2f} s < {params.min_duration} s")

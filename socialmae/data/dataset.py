@@ -24,7 +24,7 @@ import torch
 
 from socialmae.data.clips import CLIPS_TABLE
 from socialmae.data.crop import CropParams, process_clip
-from socialmae.data.decode import SAMPLE_RATE
+from socialmae.data.decode import SAMPLE_RATE, decode_audio, probe
 from socialmae.data.errors import MediaError
 from socialmae.data.features import (
     frames_to_video,
@@ -146,7 +146,7 @@ class ClipInputs:
     """Model inputs for one clip."""
 
     audio: torch.Tensor  # [1024, 128] normalised fbank
-    video: torch.Tensor  # [3, T, 224, 224] normalised frames
+    video: torch.Tensor | None  # [3, T, S, S] normalised frames (None: the voice only)
     times: np.ndarray  # [T] seconds of the sampled frames
     boxes: np.ndarray  # [T, 3] face square (centre x, centre y, side) in source pixels
     clip_id: str
@@ -161,7 +161,9 @@ class _Clip:
     frame: Callable[[int], np.ndarray]  # index -> [H, W, 3] uint8
 
 
-def _window(duration: float, window: float, train: bool, rng: np.random.Generator) -> float:
+def _window(
+    duration: float, window: float, train: bool, rng: np.random.Generator | None
+) -> float:
     if duration <= window:
         return 0.0
     return float(rng.uniform(0.0, duration - window)) if train else (duration - window) / 2
@@ -397,21 +399,26 @@ def load_clip(
     config: SocialMAEConfig | None = None,
     crop: CropParams | None = None,
     sampling: ClipSampling | None = None,
+    need: Literal["both", "audio", "video"] = "both",
 ) -> ClipInputs:
-    """Turn any video file into model inputs (evaluation window, the config's preprocessing).
+    """Turn any media file into model inputs (evaluation window, the config's preprocessing).
 
     Faces are detected, tracked and cropped exactly as ``crop_faces`` does (JPEG round trip
-    included, so inference sees what training saw). Raises :class:`MediaError` naming the
-    file and the reason when the clip cannot be used.
+    included, so inference sees what training saw). ``need`` says which streams the caller
+    uses: ``audio`` reads only the voice (an audio file will do; ``video`` is then None),
+    ``video`` accepts a file without a voice. Raises :class:`MediaError` naming the file and
+    the reason when the clip cannot be used.
     """
     config = config or get_preset("social-mae-base")
     crop = crop or CropParams(workers=1)
     sampling = sampling or ClipSampling()
+    if need == "audio":
+        return _load_voice(path, config, sampling, crop.max_seconds)
     row = {
         "clip_id": Path(path).stem, "dataset": "", "speaker": "", "split": "", "label": "",
         "targets": [], "abs_path": str(path),
     }  # fmt: skip
-    record, sample = process_clip(row, crop)
+    record, sample = process_clip(row, crop, need_audio=need == "both")
     if sample is None:
         raise MediaError(path, record.reason)
     clip = _Clip(sample.meta, sample.audio, lambda i: decode_jpeg(sample.frames[i]))
@@ -422,3 +429,25 @@ def load_clip(
     return ClipInputs(
         audio=feats, video=video, times=window.times, boxes=boxes, clip_id=row["clip_id"]
     )
+
+
+def _load_voice(
+    path: str | os.PathLike[str], config: SocialMAEConfig, sampling: ClipSampling, seconds: float
+) -> ClipInputs:
+    """The audio-only inputs of any file with a sound track (no face needed)."""
+    info = probe(path)
+    if not info.has_audio:
+        raise MediaError(path, "no audio stream")
+    audio = decode_audio(path, SAMPLE_RATE, seconds)
+    if audio.size < SAMPLE_RATE // 10:
+        raise MediaError(path, f"too short: {audio.size / SAMPLE_RATE:.2f} s of audio")
+    start = _window(audio.size / SAMPLE_RATE, sampling.window_seconds, False, None)
+    if sampling.audio_window == "aligned":
+        audio = _tile(audio, start, sampling.window_seconds)
+    else:
+        audio = audio[: int(REFERENCE_AUDIO_SECONDS * SAMPLE_RATE)]
+    feats = pad_frames(log_mel(audio, config.num_mel_bins), config.audio_length)
+    return ClipInputs(
+        audio=normalize_fbank(feats, config.fbank_mean, config.fbank_std), video=None,
+        times=np.zeros(0), boxes=np.zeros((0, 3)), clip_id=Path(path).stem,
+    )  # fmt: skip
