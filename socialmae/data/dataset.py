@@ -161,9 +161,7 @@ class _Clip:
     frame: Callable[[int], np.ndarray]  # index -> [H, W, 3] uint8
 
 
-def _window(
-    duration: float, window: float, train: bool, rng: np.random.Generator | None
-) -> float:
+def _window(duration: float, window: float, train: bool, rng: np.random.Generator | None) -> float:
     if duration <= window:
         return 0.0
     return float(rng.uniform(0.0, duration - window)) if train else (duration - window) / 2
