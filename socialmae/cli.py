@@ -234,11 +234,14 @@ def _load_predictor(
     from socialmae.registry import champion_uri, load_registered
     from socialmae.tasks import get_task
 
+    if model is None and task is None:
+        task = _project_task()
+        if task is None:
+            _fail("give --model (a models:/ URI, a model directory or a .pth) or --task")
     spec = get_task(_task(task)) if task is not None else None
     if model is None:
-        if spec is None:
-            _fail("give --model (a models:/ URI, a model directory or a .pth) or --task")
         model = champion_uri(spec.name)
+        typer.echo(f"using {model}", err=True)
     names = tuple(name.strip() for name in labels.split(",")) if labels else None
     _check_device(device)
     path = Path(model)
@@ -258,6 +261,19 @@ def _load_predictor(
         return Predictor.load(path, spec.kind if spec else None, names, device)
     except (CheckpointError, ValueError) as exc:
         _fail(str(exc))
+
+
+def _project_task(params: Path = Path("params.yaml")) -> str | None:
+    """The first of ``tasks`` in the project's params file (in the working directory), so that
+    ``socialmae predict clip.mp4`` after ``make demo`` uses that task's champion; None outside
+    a project."""
+    from socialmae.params import ParamsError, load_yaml
+
+    try:
+        tasks = load_yaml(params).get("tasks") if params.is_file() else None
+    except ParamsError:
+        return None
+    return str(tasks[0]) if isinstance(tasks, list) and tasks else None
 
 
 def _output_format(output_format: Format | None, out: Path | None) -> Format:

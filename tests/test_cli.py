@@ -163,6 +163,10 @@ def test_predict_and_serve_registered_champion(
     by_task = _run("predict", clips["face"], "--task", "demo", "-f", "json")
     assert by_task.exit_code == 0, by_task.stderr
     assert json.loads(by_task.stdout) == [row]
+    (tmp_path / "params.yaml").write_text("tasks: [demo]\n")  # in a project: its first task
+    bare = _run("predict", clips["face"], "-f", "json")
+    assert bare.exit_code == 0, bare.stderr
+    assert json.loads(bare.stdout) == [row] and f"using {champion}" in bare.stderr
 
     unknown = _run("predict", clips["face"], "-m", "models:/socialmae-nope@champion")
     assert unknown.exit_code == 2
@@ -257,6 +261,7 @@ def test_bad_arguments_exit_2_with_a_message(
     args, message, clips, classifier_dir, pretrained_dir, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("COLUMNS", "300")  # usage errors are boxed to the terminal width
+    monkeypatch.chdir(tmp_path)  # outside a project: no params.yaml names a task
     values = {"face": clips["face"], "model": classifier_dir, "pretrained": pretrained_dir,
               "tmp": tmp_path}  # fmt: skip
     done = _run(*(a.format(**values) for a in args))
