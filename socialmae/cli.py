@@ -1,4 +1,4 @@
-"""The ``socialmae`` command."""
+"""The `socialmae` command."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstrings reflow to the terminal; `code` shows as code
 )
 
 
@@ -67,7 +68,7 @@ def _task(name: str) -> str:
 
 @app.command()
 def download(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
-    """Stage ``download``: raw clips + manifest per dataset under data/raw/."""
+    """Stage `download`: raw clips + manifest per dataset under data/raw/."""
     from socialmae.pipeline import stage_download
 
     _stage(stage_download, params)
@@ -75,7 +76,7 @@ def download(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> N
 
 @app.command("crop-faces")
 def crop_faces_command(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
-    """Stage ``crop_faces``: face crops and audio into shards under data/interim/faces/."""
+    """Stage `crop_faces`: face crops and audio into shards under data/interim/faces/."""
     from socialmae.pipeline import stage_crop_faces
 
     _stage(stage_crop_faces, params)
@@ -83,7 +84,7 @@ def crop_faces_command(params: Annotated[Path, typer.Option()] = Path("params.ya
 
 @app.command()
 def validate(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
-    """Stage ``validate``: Great Expectations checks, quarantine list, Data Docs."""
+    """Stage `validate`: Great Expectations checks, quarantine list, Data Docs."""
     from socialmae.data.validate import ValidationFailed
     from socialmae.pipeline import stage_validate
 
@@ -95,9 +96,9 @@ def validate(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> N
 
 @app.command()
 def pretrain(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
-    """Stage ``pretrain``: masked reconstruction + contrastive pretraining -> outputs/pretrain/.
+    """Stage `pretrain`: masked reconstruction + contrastive pretraining -> outputs/pretrain/.
 
-    Multi-GPU: ``torchrun --nproc_per_node N -m socialmae.cli pretrain`` (same outputs).
+    Multi-GPU: `torchrun --nproc_per_node N -m socialmae.cli pretrain` (same outputs).
     """
     from socialmae.train.stages import stage_pretrain
 
@@ -106,7 +107,7 @@ def pretrain(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> N
 
 @app.command()
 def tune(task: str, params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
-    """Stage ``tune@TASK``: Optuna search over fine-tuning params -> outputs/tune/TASK/."""
+    """Stage `tune@TASK`: Optuna search over fine-tuning params -> outputs/tune/TASK/."""
     from socialmae.train.stages import stage_tune
 
     _stage(stage_tune, params, _task(task))
@@ -123,7 +124,7 @@ def tune_worker(task: str, params: Annotated[Path, typer.Option()] = Path("param
 
 @app.command()
 def finetune(task: str, params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
-    """Stage ``finetune@TASK``: fine-tune, select on val, score test -> outputs/finetune/TASK/."""
+    """Stage `finetune@TASK`: fine-tune, select on val, score test -> outputs/finetune/TASK/."""
     from socialmae.train.stages import stage_finetune
 
     _stage(stage_finetune, params, _task(task))
@@ -131,7 +132,7 @@ def finetune(task: str, params: Annotated[Path, typer.Option()] = Path("params.y
 
 @app.command()
 def register(task: str, params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
-    """Stage ``register@TASK``: log to MLflow as socialmae-TASK, promote through the gate."""
+    """Stage `register@TASK`: log to MLflow as socialmae-TASK, promote through the gate."""
     from socialmae.train.stages import stage_register
 
     _stage(stage_register, params, _task(task))
@@ -201,12 +202,12 @@ TrackingOption = Annotated[
 
 
 def _is_uri(model: str) -> bool:
-    """``models:/...``, ``runs:/...``, ``s3://...``: for MLflow, not a local path."""
+    """`models:/...`, `runs:/...`, `s3://...`: for MLflow, not a local path."""
     return bool(_URI.match(model))
 
 
 def _check_device(device: str) -> None:
-    """Exit 2 unless ``device`` is cpu or an available cuda device."""
+    """Exit 2 unless `device` is cpu or an available cuda device."""
     import torch
 
     try:
@@ -226,8 +227,8 @@ def _load_predictor(
     tracking_uri: str | None,
     device: str,
 ) -> Predictor:
-    """The :class:`Predictor` of a ``models:/`` URI (:func:`registry.load_registered`), a saved
-    directory or an official ``.pth`` (:meth:`Predictor.load`); exits 2 when it cannot."""
+    """The :class:`Predictor` of a `models:/` URI (:func:`registry.load_registered`), a saved
+    directory or an official `.pth` (:meth:`Predictor.load`); exits 2 when it cannot."""
     from mlflow.exceptions import MlflowException
 
     from socialmae.inference import Predictor
@@ -264,8 +265,8 @@ def _load_predictor(
 
 
 def _project_task(params: Path = Path("params.yaml")) -> str | None:
-    """The first of ``tasks`` in the project's params file (in the working directory), so that
-    ``socialmae predict clip.mp4`` after ``make demo`` uses that task's champion; None outside
+    """The first of `tasks` in the project's params file (in the working directory), so that
+    `socialmae predict clip.mp4` after `make demo` uses that task's champion; None outside
     a project."""
     from socialmae.params import ParamsError, load_yaml
 
@@ -277,7 +278,7 @@ def _project_task(params: Path = Path("params.yaml")) -> str | None:
 
 
 def _output_format(output_format: Format | None, out: Path | None) -> Format:
-    """``--format``, else the suffix of ``--out``, else the table."""
+    """`--format`, else the suffix of `--out`, else the table."""
     if out is None:
         return output_format or "table"
     if output_format == "table":
@@ -422,7 +423,7 @@ def embed(
 
 
 def _write_embeddings(result: Embeddings, out: Path) -> list[Path]:
-    """Write ``result`` as ``.npy`` + ``.paths.csv`` or as ``.parquet``; the files written."""
+    """Write `result` as `.npy` + `.paths.csv` or as `.parquet`; the files written."""
     import numpy as np
 
     from socialmae.io import atomic_write, atomic_write_csv
@@ -555,7 +556,7 @@ def serve(
 
 
 def _servable(model: str, tracking_uri: str, stack: contextlib.ExitStack) -> tuple[str, str]:
-    """What ``mlflow models serve -m`` gets, and the tracking URI it resolves that with."""
+    """What `mlflow models serve -m` gets, and the tracking URI it resolves that with."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -588,7 +589,7 @@ def _servable(model: str, tracking_uri: str, stack: contextlib.ExitStack) -> tup
 
 
 def _run_forwarding_signals(command: list[str], env: dict[str, str]) -> int:
-    """Run ``command`` in its own process group, passing SIGINT/SIGTERM/SIGHUP on to the whole
+    """Run `command` in its own process group, passing SIGINT/SIGTERM/SIGHUP on to the whole
     group; its exit code, or 0 when a passed-on signal stopped it."""
     process = subprocess.Popen(command, env=env, process_group=0)
     received: list[int] = []
@@ -614,8 +615,8 @@ def _run_forwarding_signals(command: list[str], env: dict[str, str]) -> int:
 
 
 def _wait_for_group(group: int, timeout: float = 20.0) -> None:
-    """Wait until no process of ``group`` (the server's workers) is left; SIGKILL what is
-    still there after ``timeout`` seconds."""
+    """Wait until no process of `group` (the server's workers) is left; SIGKILL what is
+    still there after `timeout` seconds."""
     import time
 
     deadline = time.monotonic() + timeout
