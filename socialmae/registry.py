@@ -198,6 +198,17 @@ class SocialMAEPyfunc(mlflow.pyfunc.PythonModel):
             )
         params = params or {}
         paths = [str(p) for p in model_input[PATH_COLUMN].tolist()]
+        if len(paths) > MAX_REQUEST_PATHS:
+            raise MlflowException(
+                f"{len(paths)} paths in one request; send at most {MAX_REQUEST_PATHS}",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
+        longest = max((len(p) for p in paths), default=0)
+        if longest > MAX_PATH_CHARS:  # not a file name: refuse it without echoing it back
+            raise MlflowException(
+                f"a path of {longest} characters; paths are at most {MAX_PATH_CHARS}",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
         try:
             frame = self.predictor.predict_frame(
                 paths, params.get("mode") or None, int(params.get("batch_size", 8))
@@ -207,6 +218,10 @@ class SocialMAEPyfunc(mlflow.pyfunc.PythonModel):
         # Rows of files that failed hold NaN scores; JSON has no NaN (strict parsers reject the
         # whole response), so they travel as null next to the error string.
         return frame.astype(object).where(frame.notna(), None)
+
+
+MAX_REQUEST_PATHS = 10_000  # files per pyfunc call (a served request)
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 
 
 @contextlib.contextmanager

@@ -328,6 +328,11 @@ def test_champion_pyfunc_predicts_good_and_bad_files(tracking_uri, classifier_di
     assert audio.loc[0, "prob_anger"] != pytest.approx(out.loc[0, "prob_anger"])
     with pytest.raises(mlflow.exceptions.MlflowException, match="path"):
         model.predict(pd.DataFrame({"file": ["x.mp4"]}))
+    with pytest.raises(mlflow.exceptions.MlflowException, match="paths are at most 4096") as info:
+        model.predict(pd.DataFrame({"path": ["x" * 100_000]}))
+    assert len(str(info.value)) < 200  # the path is not echoed back
+    with pytest.raises(mlflow.exceptions.MlflowException, match="at most 10000"):
+        model.predict(pd.DataFrame({"path": ["x.mp4"] * 10_001}))
     assert registry.load_champion("demo", tracking_uri).labels == EMOTIONS
 
 
