@@ -55,6 +55,7 @@ def run_seed(
     seed: int,
     modes: list[str],
     uri: str,
+    inits: tuple[str, ...] = INITS,
 ) -> dict[str, Any]:
     """Pretrain with ``seed``, then fine-tune each init; returns tables and timings."""
     started = time.perf_counter()
@@ -65,7 +66,7 @@ def run_seed(
     seconds = round(time.perf_counter() - started, 1)
     out: dict[str, Any] = {"pretrain": {"heldout": pretrained.get("heldout"), "seconds": seconds}}
     base = finetune_params(params, "demo", None)
-    for init in INITS:
+    for init in inits:
         overrides: dict[str, Any] = {"seed": seed, "modes": modes}
         if init == "pretrained":
             overrides["init"] = str(work / f"pretrain-{seed}" / "model")
@@ -84,7 +85,7 @@ def run_seed(
         out[init]["seconds"] = round(time.perf_counter() - started, 1)
     task = get_task("demo")
     out["pretrained_vs_scratch"] = {}
-    for mode in modes:
+    for mode in modes if set(inits) == set(INITS) else ():
         ids, targets, ours = read_predictions(mode_dir(work / f"pretrained-{seed}", mode), task)
         ids_b, _, theirs = read_predictions(mode_dir(work / f"scratch-{seed}", mode), task)
         test = metrics.paired_permutation_test(
@@ -96,17 +97,19 @@ def run_seed(
     return out
 
 
-def summarise(runs: dict[int, dict[str, Any]], modes: list[str]) -> dict[str, Any]:
+def summarise(
+    runs: dict[int, dict[str, Any]], modes: list[str], inits: tuple[str, ...] = INITS
+) -> dict[str, Any]:
     """Mean, spread and minimum of test F1 macro per init and mode; pretrained - scratch."""
     summary: dict[str, Any] = {}
-    for init in INITS:
+    for init in inits:
         for mode in modes:
             values = np.array([r[init][mode]["test"] for r in runs.values()])
             summary[f"{init}/{mode}"] = {
                 "mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1
                 else 0.0, "min": float(values.min()), "max": float(values.max()),
             }  # fmt: skip
-    for mode in modes:
+    for mode in modes if set(inits) == set(INITS) else ():
         diffs = np.array([r["pretrained_vs_scratch"][mode]["difference"] for r in runs.values()])
         summary[f"pretrained_minus_scratch/{mode}"] = {
             "mean": float(diffs.mean()), "wins": int((diffs > 0).sum()), "seeds": len(diffs),
@@ -120,6 +123,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=None, help="default: finetune modes")
     parser.add_argument("--work", type=Path, default=None, help="default: a temporary directory")
+    parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     params = load_yaml(args.params)
@@ -130,10 +134,15 @@ def main() -> None:
         started = time.perf_counter()
         faces, accepted = build_demo(args.params, work)
         data_seconds = round(time.perf_counter() - started, 1)
-        runs = {s: run_seed(params, faces, accepted, work, s, modes, uri) for s in args.seeds}
+        inits = tuple(args.inits)
+        runs = {
+            seed: run_seed(params, faces, accepted, work, seed, modes, uri, inits)
+            for seed in args.seeds
+        }
     chance = 1 / len(get_task("demo").labels)
-    print(json.dumps({"chance_f1": chance, "clips": len(accepted), "data_seconds": data_seconds,
-                      "summary": summarise(runs, modes), "seeds": runs}, indent=2))  # fmt: skip
+    report = {"chance_f1": chance, "clips": len(accepted), "data_seconds": data_seconds,
+              "summary": summarise(runs, modes, inits), "seeds": runs}  # fmt: skip
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
