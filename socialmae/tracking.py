@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,50 @@ def flatten(values: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, Any]
     return flat
 
 
+TAG_HOST = "socialmae.host"  # which process logs into a run: a RUNNING run whose process is
+TAG_PID = "socialmae.pid"  # gone on this host was killed, and is marked so
+
+
+def _run_exists(run_id: str, uri: str) -> bool:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def reap_abandoned_runs(experiment_id: str, tracking_uri: str | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs of ``experiment_id`` started on this host by processes that
+    no longer exist (a kill -9 leaves them RUNNING forever); returns their ids."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    host = socket.gethostname()
+    reaped = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        pid = tags.get(TAG_PID, "")
+        if tags.get(TAG_HOST) == host and pid.isdigit() and not _alive(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
+            reaped.append(run.info.run_id)
+            logger.warning("MLflow run %s: its process %s is gone; marked KILLED",
+                           run.info.run_id, pid)  # fmt: skip
+    return reaped
+
+
 class Tracker:
     """Logs to one MLflow run from the main rank; every call is a no-op elsewhere.
 
@@ -92,7 +137,12 @@ class Tracker:
         run_name: str,
         tracking_uri: str | None = None,
         tags: Mapping[str, str] | None = None,
+        resume: str | None = None,
     ) -> Iterator[Tracker]:
+        """Log into a new run of ``experiment`` (or into run ``resume``, the run a resumed
+        training started, when it still exists). Runs this machine started from processes
+        that are gone (killed) are marked KILLED first; a run left by an exception ends
+        FAILED."""
         if not self.enabled:
             yield self
             return
@@ -109,8 +159,19 @@ class Tracker:
 
         uri = resolve_tracking_uri(tracking_uri)
         with using_tracking_uri(uri):
-            mlflow.set_experiment(experiment)
-            with mlflow.start_run(run_name=run_name, tags=dict(tags or {})) as run:
+            found = mlflow.set_experiment(experiment)
+            reap_abandoned_runs(found.experiment_id, uri)
+            owner = {TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
+            if resume is not None and not _run_exists(resume, uri):
+                resume = None
+            if resume is not None:
+                with mlflow.start_run(run_id=resume) as run:
+                    mlflow.set_tags(owner)
+                    self.run_id = run.info.run_id
+                    logger.info("MLflow run %s resumed (%s)", self.run_id, redact(uri))
+                    yield self
+                return
+            with mlflow.start_run(run_name=run_name, tags={**dict(tags or {}), **owner}) as run:
                 self.run_id = run.info.run_id
                 logger.info("MLflow run %s in %s (%s)", self.run_id, experiment, redact(uri))
                 yield self

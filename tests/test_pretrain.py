@@ -118,6 +118,36 @@ def test_a_killed_run_resumes_to_the_same_weights(demo_shards, tmp_path):
         assert torch.equal(expected[key], resumed[key]), key
     assert json.loads((killed / "metrics.json").read_text())["steps"] == 6
 
+    # the resumed run logged into the killed run's MLflow run: one run per training, all ended
+    import mlflow
+
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("socialmae-pretrain").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    assert len(set(steps)) == 6  # steps before the kill and after the resume, in one run
+
+
+def test_runs_of_killed_processes_are_marked_killed(tmp_path):
+    import mlflow
+
+    from socialmae.tracking import TAG_HOST, TAG_PID, reap_abandoned_runs
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("abandoned")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = client.create_run(experiment, tags={TAG_HOST: socket.gethostname(),
+                                               TAG_PID: str(gone.pid)})  # fmt: skip
+    alive = client.create_run(experiment, tags={TAG_HOST: socket.gethostname(),
+                                                TAG_PID: str(os.getpid())})  # fmt: skip
+    elsewhere = client.create_run(experiment, tags={TAG_HOST: "another-host", TAG_PID: "1"})
+    assert reap_abandoned_runs(experiment, uri) == [dead.info.run_id]
+    status = {r: client.get_run(r).info.status for r in
+              (dead.info.run_id, alive.info.run_id, elsewhere.info.run_id)}  # fmt: skip
+    assert list(status.values()) == ["KILLED", "RUNNING", "RUNNING"]
+
 
 def _free_port() -> int:
     with socket.socket() as s:

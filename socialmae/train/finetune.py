@@ -487,9 +487,11 @@ def _finetune(
     position, history, best = Position(), [], {"epoch": -1, "value": -np.inf}
     best_dir = checkpoints / "best"  # the best epoch's weights, kept on disk only
     latest = checkpointer.latest()
+    resume_run: str | None = None  # the MLflow run of the run being resumed
     if latest is not None:
         position, extra = checkpointer.load(latest, model, optimizer, scaler)
         history, best = extra["history"], extra["best"]
+        resume_run = extra.get("mlflow_run_id")
 
     net: torch.nn.Module = model
     if ctx.distributed:
@@ -499,7 +501,7 @@ def _finetune(
     experiment = experiment_name(task.name)
     tracker = Tracker(enabled=ctx.is_main)
     tags = {"stage": "finetune", "task": task.name, "mode": mode}
-    with tracker.run(experiment, f"finetune-{task.name}-{mode}", tracking_uri, tags):
+    with tracker.run(experiment, f"finetune-{task.name}-{mode}", tracking_uri, tags, resume_run):
         tracker.log_params({**asdict(params), "task": task.name, "world_size": ctx.world_size,
                             "clips_train": len(train_set), "clips_val": len(val_set),
                             "clips_test": len(test_set)})  # fmt: skip
@@ -560,9 +562,9 @@ def _finetune(
                     best = {"epoch": epoch, "value": value}
                     model.save_pretrained(best_dir)
                 position = Position(position.step, epoch + 1, 0)
-                checkpointer.save(
-                    model, optimizer, scaler, position, {"history": history, "best": best}
-                )
+                checkpointer.save(model, optimizer, scaler, position,
+                                  {"history": history, "best": best,
+                                   "mlflow_run_id": tracker.run_id})  # fmt: skip
             distributed.barrier(ctx)
             position = Position(position.step, epoch + 1, 0)
             if report is not None and ctx.is_main:

@@ -221,9 +221,11 @@ def _pretrain(
     position, history = Position(), []
     latest = checkpointer.latest()
     before: dict[str, float] | None = None
+    resume_run: str | None = None  # the MLflow run of the run being resumed
     if latest is not None:
         position, extra = checkpointer.load(latest, model, optimizer, scaler)
         history, before = extra.get("history", []), extra.get("heldout_before")
+        resume_run = extra.get("mlflow_run_id")
     elif heldout is not None:
         before = evaluate_pretraining(model, heldout, params, ctx.device)
     saved_step = position.step
@@ -239,7 +241,7 @@ def _pretrain(
 
     tracker = Tracker(enabled=ctx.is_main)
     run_name = f"pretrain-{params.preset}"
-    with tracker.run(EXPERIMENT, run_name, tracking_uri, {"stage": "pretrain"}):
+    with tracker.run(EXPERIMENT, run_name, tracking_uri, {"stage": "pretrain"}, resume_run):
         tracker.log_params({**asdict(params), "init_report": init_report,
                             "world_size": ctx.world_size, "clips": len(dataset)})  # fmt: skip
         logger.info(
@@ -254,7 +256,8 @@ def _pretrain(
 
         def save_checkpoint(pos: Position) -> int:
             if ctx.is_main:
-                extra = {"history": history, "heldout_before": before}
+                extra = {"history": history, "heldout_before": before,
+                         "mlflow_run_id": tracker.run_id}  # fmt: skip
                 checkpointer.save(model, optimizer, scaler, pos, extra)
             distributed.barrier(ctx)
             return pos.step
