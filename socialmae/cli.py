@@ -38,6 +38,10 @@ app = typer.Typer(
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    if os.environ.get("DVC_STAGE"):  # a stage of `dvc repro`: stop when dvc is killed
+        from socialmae.lifecycle import die_with_parent
+
+        die_with_parent()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

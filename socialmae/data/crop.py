@@ -35,6 +35,7 @@ from socialmae.data.features import rms_db
 from socialmae.data.shards import ShardSample, encode_jpeg, write_shard
 from socialmae.data.tracking import smooth_square_boxes, square_crop, track_main_face
 from socialmae.io import atomic_write, atomic_write_text
+from socialmae.lifecycle import die_with_parent
 from socialmae.params import check_device
 
 logger = logging.getLogger(__name__)
@@ -213,6 +214,7 @@ def _process(
 
 
 def _worker_init(params: CropParams) -> None:
+    die_with_parent()  # a killed stage leaves no detector workers behind
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     _detector(params)

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from socialmae.checkpoints import initialize_from, load_checkpoint
 from socialmae.data.dataset import Augment, ClipSampling, ShardDataset, fbank_statistics
 from socialmae.io import atomic_write, atomic_write_csv, atomic_write_text
+from socialmae.lifecycle import die_with_parent
 from socialmae.model import SocialMAEClassifier, get_preset
 from socialmae.model.config import ActivationCheckpointing
 from socialmae.model.social_mae import MODES, Mode
@@ -393,7 +394,9 @@ def finetune_modes(
 
 
 def _mode_worker_init(threads: int, level: int) -> None:
-    """A mode process: its share of the cores, and the parent's log level."""
+    """A mode process: its share of the cores, and the parent's log level; it dies with the
+    stage's process."""
+    die_with_parent()
     torch.set_num_threads(threads)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -46,6 +46,7 @@ from scipy import ndimage, signal
 from socialmae.data.manifest import ManifestRow, read_manifest, write_manifest
 from socialmae.data.sources.splits import assign_speaker_splits
 from socialmae.io import atomic_write
+from socialmae.lifecycle import die_with_parent
 from socialmae.tasks import EMOTIONS
 
 log = logging.getLogger(__name__)
@@ -969,7 +970,9 @@ def prepare_demo(
     jobs = [(s, str(out_dir)) for s in specs]
     if workers > 1 and len(jobs) > 1:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            min(workers, len(jobs)), mp_context=context, initializer=die_with_parent
+        ) as pool:
             extras = list(pool.map(_make_clip_task, jobs))
     else:
         extras = [_make_clip_task(job) for job in jobs]
