@@ -129,6 +129,17 @@ class SocialMAEConfig:
         return cls().replace(**data)
 
 
+_TINY = SocialMAEConfig(
+    embed_dim=64,
+    num_heads=4,
+    modality_depth=2,
+    joint_depth=1,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=2,
+    mlp_ratio=2.0,
+)
+
 PRESETS: dict[str, SocialMAEConfig] = {
     # The paper: 8 face frames, tubelets of 2, trained positional embeddings, raw-pixel targets.
     "social-mae-base": SocialMAEConfig(),
@@ -142,30 +153,10 @@ PRESETS: dict[str, SocialMAEConfig] = {
         fbank_std=4.4849,
     ),
     # A small model with the same input contract that trains on 2 CPU cores in seconds.
-    "tiny": SocialMAEConfig(
-        embed_dim=64,
-        num_heads=4,
-        modality_depth=2,
-        joint_depth=1,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=2,
-        mlp_ratio=2.0,
-    ),
+    "tiny": _TINY,
     # The offline demo's model: tiny's widths on 112-pixel faces and 3.04 s of audio (the
     # demo's 3 s window), so that pretraining and three fine-tunings fit minutes on 2 cores.
-    "demo": SocialMAEConfig(
-        audio_length=304,
-        image_size=112,
-        embed_dim=64,
-        num_heads=4,
-        modality_depth=2,
-        joint_depth=1,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=2,
-        mlp_ratio=2.0,
-    ),
+    "demo": _TINY.replace(audio_length=304, image_size=112),
 }
 
 
