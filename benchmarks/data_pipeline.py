@@ -27,12 +27,12 @@ from socialmae.model import get_preset
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clips-per-label", type=int, default=4)
+    parser.add_argument("--identities", type=int, default=8, help="demo identities (6 clips each)")
     args = parser.parse_args()
     report: dict = {"benchmark": "data_pipeline", "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        manifest = prepare_demo(root / "raw", clips_per_label=args.clips_per_label)
+        manifest = prepare_demo(root / "raw", identities=args.identities, sentences=1)
         for workers in (1, 2):
             params = CropParams(workers=workers, clips_per_shard=64)
             metrics = crop_faces(manifest, root / f"faces-{workers}", params)
