@@ -75,7 +75,12 @@ def test_forcing_a_stage_on_unchanged_inputs_leaves_the_pipeline_up_to_date(demo
     root = demo_pipeline
     _run(root, "dvc", "repro")  # the tests above registered by hand: bring it up to date first
     assert "up to date" in _run(root, "dvc", "status")
+    trials = root / "outputs/tune/demo/study/trials.csv"
+    before = trials.read_bytes()
     for stage in ("download", "crop_faces", "validate", "pretrain", "tune@demo", "finetune@demo"):
         _run(root, "dvc", "repro", "-f", "-s", stage)
         status = _run(root, "dvc", "status")
         assert "up to date" in status, f"after forcing {stage}: {status}"
+    # the study was continued, not started again: its finished trials (and their durations)
+    # are the same ones, and no trial ran
+    assert trials.read_bytes() == before
