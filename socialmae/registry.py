@@ -403,13 +403,57 @@ def promote(
     client, uri = _client(tracking_uri)
     name, version = model_name(task), int(version)
     value = float(value)
-    outcome: Outcome
     client.get_model_version(name, str(version))  # raises if it does not exist
     for key, tag in ((TAG_METRIC_NAME, metric_name), (TAG_METRIC_VALUE, repr(value)),
                      (TAG_FINGERPRINT, test_fingerprint)):  # fmt: skip
         client.set_model_version_tag(name, str(version), key, tag)
-    client.set_registered_model_alias(name, CHALLENGER, str(version))
+    with _promotion_lock(uri, name):  # read the champion, decide and move it as one step
+        client.set_registered_model_alias(name, CHALLENGER, str(version))
+        decision = _decide(
+            client, name, version, metric_name, value, test_fingerprint, margin,
+            evaluate_champion, greater_is_better,
+        )  # fmt: skip
+    client.set_model_version_tag(name, str(version), TAG_DECISION, json.dumps(decision.to_dict()))
+    client.set_model_version_tag(name, str(version), TAG_DECISION_OUTCOME, decision.outcome)
+    logger.info("%s v%d: %s (%s) [%s]", name, version, decision.outcome, decision.reason,
+                redact(uri))  # fmt: skip
+    return decision
 
+
+@contextlib.contextmanager
+def _promotion_lock(uri: str, name: str) -> Iterator[None]:
+    """Serialise the promotions of model ``name`` on a sqlite store: an exclusive lock on a
+    file beside the database, so two processes cannot both read the old champion and the
+    worse candidate win by writing last. A tracking server has no lock to take; there
+    promotions of one name must not run at once (README, Troubleshooting)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    lock = database.with_name(f"{database.name}.{name}.promotion.lock")
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _decide(
+    client: MlflowClient,
+    name: str,
+    version: int,
+    metric_name: str,
+    value: float,
+    test_fingerprint: str,
+    margin: float,
+    evaluate_champion: Callable[[str], float] | None,
+    greater_is_better: bool,
+) -> PromotionDecision:
+    """The gate: compare ``version`` with the current champion and move the alias if it wins."""
+    outcome: Outcome
     current = _alias_version(client, name, CHAMPION)
     previous = int(current.version) if current is not None else None
     champion_score: float | None = None
@@ -450,9 +494,6 @@ def promote(
         champion=version if outcome == "promoted" else previous,
         test_fingerprint=test_fingerprint,
     )  # fmt: skip
-    client.set_model_version_tag(name, str(version), TAG_DECISION, json.dumps(decision.to_dict()))
-    client.set_model_version_tag(name, str(version), TAG_DECISION_OUTCOME, outcome)
-    logger.info("%s v%d: %s (%s) [%s]", name, version, outcome, reason, redact(uri))
     return decision
 
 

@@ -384,3 +384,34 @@ def test_mlflow_models_serve_answers_invocations(server_uri, classifier_dir, cli
     assert sum(rows[0][f"prob_{e}"] for e in EMOTIONS) == pytest.approx(1.0, abs=1e-5)
     assert rows[1]["label"] is None and "not a readable media file" in rows[1]["error"]
     assert rows[1]["prob_anger"] is None
+
+
+@pytest.mark.integration
+def test_concurrent_promotions_crown_the_best_model(sqlite_uri, classifier_dir):
+    """Four processes promote four versions at once on one sqlite store, three rounds: the
+    champion is always the best (the gate's read-decide-write is serialised per model)."""
+    import multiprocessing
+
+    fp = registry.test_set_fingerprint(IDS)
+    context = multiprocessing.get_context("fork")
+    for round_ in range(3):
+        scores = [0.30, 0.50, 0.40, 0.45]
+        task = f"race{round_}"
+        versions = [_log(classifier_dir, sqlite_uri, s, task=task).version for s in scores]
+        barrier = context.Barrier(len(scores))
+        workers = [
+            context.Process(target=_promote_race, args=(barrier, sqlite_uri, task, v, s, fp))
+            for v, s in zip(versions, scores, strict=True)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(120)
+            assert worker.exitcode == 0
+        champion = _aliases(sqlite_uri, task)["champion"]
+        assert champion == versions[scores.index(max(scores))], (round_, champion, versions)
+
+
+def _promote_race(barrier, uri: str, task: str, version: int, value: float, fp: str) -> None:
+    barrier.wait()  # every process reads the champion at the same moment
+    registry.promote(task, version, "accuracy", value, fp, 0.0, tracking_uri=uri)
