@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import logging
+import math
 import os
 import tarfile
 import threading
@@ -359,6 +360,38 @@ def test_good_archives_are_extracted(tmp_path: Path) -> None:
     zfiles = safe_extract(zpath, tmp_path / "zout")
     assert (tmp_path / "zout/videos/x.mp4").read_bytes() == b"mp4"
     assert len(zfiles) == 2
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_decompression_bombs_are_refused_before_writing(tmp_path: Path, kind: str) -> None:
+    """A 200 KB archive of 200 MB of zeros: refused on its declared sizes, nothing written."""
+    payload = bytes(200 * 2**20)
+    if kind == "zip":
+        bomb = tmp_path / "bomb.zip"
+        with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("videos/zeros.mp4", payload)
+    else:
+        bomb = _tar(tmp_path / "bomb.tar.gz", [(_info("videos/zeros.mp4"), payload)])
+    assert bomb.stat().st_size < 2**20
+    with pytest.raises(MediaError, match="decompression bomb"):
+        safe_extract(bomb, tmp_path / "out")
+    assert not any((tmp_path / "out").rglob("*.mp4"))
+    files = safe_extract(bomb, tmp_path / "out", max_ratio=math.inf)  # trusted: allowed
+    assert files[0].stat().st_size == len(payload)
+
+
+def test_a_zip_that_lies_about_its_sizes_is_stopped_while_extracting(tmp_path: Path) -> None:
+    bomb = tmp_path / "liar.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("x.mp4", bytes(50 * 2**20))
+    data = bytearray(bomb.read_bytes())
+    # rewrite the declared uncompressed size (local header and central directory) to 10 bytes
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        at = data.index(signature) + offset
+        data[at : at + 4] = (10).to_bytes(4, "little")
+    bomb.write_bytes(bytes(data))
+    with pytest.raises(MediaError):
+        safe_extract(bomb, tmp_path / "out")
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -372,28 +373,55 @@ def _check_link(archive: Path, name: str, member: PurePosixPath, link: str, hard
         raise MediaError(archive, f"member {name!r} links outside the target: {link!r}")
 
 
-def safe_extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> list[Path]:
+MAX_EXTRACT_RATIO = 100.0  # media barely compress; a much larger ratio is a decompression bomb
+
+
+def safe_extract(
+    archive: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    max_ratio: float = MAX_EXTRACT_RATIO,
+    max_bytes: int | None = None,
+) -> list[Path]:
     """Extract a zip or tar(.gz/.bz2/.xz) archive under ``dest``; return the files written.
 
     Every member is checked before anything is written: absolute names, ``..`` components,
     links that point outside ``dest`` and device/FIFO members raise :class:`MediaError` naming
     the member. While extracting, nothing is written through a symlink that leaves ``dest``.
+    The total extracted size is capped at ``max_ratio`` times the archive's size (and at
+    ``max_bytes``), checked on the declared sizes first and on the bytes actually written.
     """
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
         raise MediaError(archive, "archive not found")
+    limit = max(archive.stat().st_size, 1) * max_ratio
+    limit = min(limit, max_bytes) if max_bytes is not None else limit
     dest.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(archive):
-        return _extract_zip(archive, dest)
-    if tarfile.is_tarfile(archive):
-        return _extract_tar(archive, dest)
+    try:
+        if zipfile.is_zipfile(archive):
+            return _extract_zip(archive, dest, limit)
+        if tarfile.is_tarfile(archive):
+            return _extract_tar(archive, dest, limit)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:
+        raise MediaError(archive, f"corrupt archive: {exc}") from None
     raise MediaError(archive, "not a zip or tar archive")
 
 
-def _extract_zip(archive: Path, dest: Path) -> list[Path]:
+def _check_total(archive: Path, total: int, limit: float) -> None:
+    if total > limit:
+        size = archive.stat().st_size
+        raise MediaError(
+            archive,
+            f"would extract {total:,} bytes from {size:,} (limit {limit:,.0f}: a decompression "
+            "bomb?)",
+        )
+
+
+def _extract_zip(archive: Path, dest: Path, limit: float) -> list[Path]:
     written: list[Path] = []
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
+        _check_total(archive, sum(info.file_size for info in infos), limit)
+        total = 0
         plan = []
         for info in infos:
             member = _member_path(info.filename, archive)
@@ -422,15 +450,19 @@ def _extract_zip(archive: Path, dest: Path) -> list[Path]:
                 os.symlink(link, target)
             else:
                 with zf.open(info) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, CHUNK)
+                    while chunk := src.read(CHUNK):  # the declared sizes may lie
+                        total += len(chunk)
+                        _check_total(archive, total, limit)
+                        out.write(chunk)
             written.append(target)
     return written
 
 
-def _extract_tar(archive: Path, dest: Path) -> list[Path]:
+def _extract_tar(archive: Path, dest: Path, limit: float) -> list[Path]:
     written: list[Path] = []
     with tarfile.open(archive) as tf:
         members = tf.getmembers()
+        _check_total(archive, sum(m.size for m in members if m.isreg()), limit)  # exact in tar
         for m in members:
             member = _member_path(m.name, archive)
             if m.isdev() or not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
