@@ -299,6 +299,8 @@ def crop_faces(manifest: pd.DataFrame, out_dir: str | os.PathLike[str], params: 
                 marker_text = json.dumps({"signature": signature, "clips": len(records)}) + "\n"
                 atomic_write_text(marker, marker_text)
                 processed += len(records)
+                logger.info("crop_faces: %s done (%d of %d clips)", name,
+                            processed + skipped, len(rows))  # fmt: skip
     finally:
         if pool is not None:
             pool.shutdown()

@@ -30,6 +30,7 @@ import math
 import multiprocessing
 import os
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
@@ -937,6 +938,18 @@ def voice_kind(name: str) -> str:
     return "male" if "+m" in _identity(name).voice else "female"
 
 
+def _logged(results: Iterable[dict[str, Any]], total: int) -> list[dict[str, Any]]:
+    """The results in order, with a progress line every tenth (logs, not a terminal bar:
+    `make demo` is often piped)."""
+    out = []
+    step = max(1, total // 10)
+    for done, result in enumerate(results, 1):
+        out.append(result)
+        if done % step == 0 or done == total:
+            log.info("demo: %d/%d clips generated", done, total)
+    return out
+
+
 def _make_clip_task(args: tuple[ClipSpec, str]) -> dict[str, Any]:
     return make_clip(*args)
 
@@ -973,9 +986,9 @@ def prepare_demo(
         with ProcessPoolExecutor(
             min(workers, len(jobs)), mp_context=context, initializer=die_with_parent
         ) as pool:
-            extras = list(pool.map(_make_clip_task, jobs))
+            extras = _logged(pool.map(_make_clip_task, jobs), len(jobs))
     else:
-        extras = [_make_clip_task(job) for job in jobs]
+        extras = _logged(map(_make_clip_task, jobs), len(jobs))
     names = identity_names(identities)
     speaker_split = assign_speaker_splits(names, splits, seed, {n: voice_kind(n) for n in names})
     rows = [
