@@ -318,6 +318,9 @@ def log_model(
         mlflow.set_tags(tags)
         artifact = stack.enter_context(_model_artifact(model_dir, crop, sampling))
         code = stack.enter_context(_package_code())
+        # MLflow checks the input example by predicting it; its path names no real file, and
+        # that expected "skipping" warning would only alarm whoever reads the log.
+        stack.enter_context(_quiet("socialmae.inference"))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=SocialMAEPyfunc(),
@@ -418,6 +421,18 @@ def promote(
     logger.info("%s v%d: %s (%s) [%s]", name, version, decision.outcome, decision.reason,
                 redact(uri))  # fmt: skip
     return decision
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Only errors from ``logger_name`` inside the block."""
+    target = logging.getLogger(logger_name)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import signal
 import socket
@@ -202,6 +203,13 @@ def test_provenance_helpers(tmp_path):
 
 
 # --------------------------------------------------------------------------- registry
+
+
+def test_registration_does_not_warn_about_its_own_example(sqlite_uri, classifier_dir, caplog):
+    caplog.set_level("WARNING", logger="socialmae")
+    _log(classifier_dir, sqlite_uri, 0.5)
+    assert "skipping" not in caplog.text
+    assert logging.getLogger("socialmae.inference").level == logging.NOTSET  # restored
 
 
 def test_log_model_registers_with_tags_and_signature(tracking_uri, classifier_dir, tmp_path):
