@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -78,6 +79,7 @@ TAG_DVC = "dvc_data_md5"  # JSON {out path: md5}
 TAG_METRIC_NAME = "metric_name"
 TAG_METRIC_VALUE = "metric_value"
 TAG_FINGERPRINT = "test_fingerprint"
+TAG_WEIGHTS = "model_fingerprint"  # sha256 of the logged weights, config and preprocessing
 TAG_DECISION = "promotion"  # JSON of the PromotionDecision
 TAG_DECISION_OUTCOME = "promotion_outcome"  # promoted | kept | refused
 
@@ -259,6 +261,20 @@ class RegisteredVersion:
     run_id: str
     test_fingerprint: str
     tags: dict[str, str]
+    reused: bool = False  # the same weights and test set were registered before: no new version
+
+
+def _model_fingerprint(predictor: Predictor, model_dir: Path) -> str:
+    """What makes two registrations the same model: its weights, its config and its
+    preprocessing (``sha256``)."""
+    digest = hashlib.sha256()
+    for name in ("model.safetensors", "config.json"):
+        path = model_dir / name
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    pre = predictor.preprocessing
+    digest.update(json.dumps([dataclasses.asdict(pre.crop), dataclasses.asdict(pre.sampling)],
+                             sort_keys=True).encode())  # fmt: skip
+    return digest.hexdigest()
 
 
 def log_model(
@@ -275,7 +291,9 @@ def log_model(
     repo_dir: str | os.PathLike[str] = ".",
 ) -> RegisteredVersion:
     """Log a fine-tuned model directory as a pyfunc model and register it as
-    ``socialmae-<task>``, with provenance tags on the new version.
+    ``socialmae-<task>``, with provenance tags on the new version. A model already registered
+    with the same weights, config, preprocessing and test set is not registered again: its
+    version comes back with ``reused=True``.
 
     Logs into the active MLflow run if there is one (it must live at the resolved tracking
     URI), else into a new run ``register-<task>`` of ``experiment``.
@@ -292,6 +310,19 @@ def log_model(
     """
     model_dir = Path(model_dir)
     predictor = Predictor.load(model_dir, crop=crop, sampling=sampling)  # fails early if broken
+    name = model_name(task)
+    client, uri = _client(tracking_uri)
+    weights = _model_fingerprint(predictor, model_dir)
+    with contextlib.suppress(MlflowException):  # no such registered model yet
+        for found in client.search_model_versions(f"name = '{name}'"):
+            identity = (found.tags.get(k) for k in (TAG_WEIGHTS, TAG_FINGERPRINT, TAG_METRIC_VALUE))
+            if tuple(identity) == (weights, test_fingerprint, repr(float(metric_value))):
+                logger.info("%s v%s holds the same model and test set: not registered again",
+                            name, found.version)  # fmt: skip
+                return RegisteredVersion(
+                    name, int(found.version), f"models:/{name}/{found.version}", found.run_id,
+                    test_fingerprint, dict(found.tags), reused=True,
+                )  # fmt: skip
     revision, dirty = git_revision(repo_dir)
     tags = {
         TAG_TASK: task,
@@ -301,9 +332,8 @@ def log_model(
         TAG_DVC: json.dumps(dvc_data_hashes(dvc_lock), sort_keys=True),
         TAG_GIT: revision or "unknown",
         TAG_GIT_DIRTY: str(dirty).lower(),
+        TAG_WEIGHTS: weights,
     }
-    name = model_name(task)
-    client, uri = _client(tracking_uri)
     with contextlib.ExitStack() as stack:
         stack.enter_context(using_tracking_uri(uri))
         if mlflow.active_run() is None:

@@ -44,13 +44,16 @@ def test_repro_runs_every_stage_and_promotes_through_the_gate(demo_pipeline):
     assert "up to date" in status, status
 
 
-def test_a_second_registration_goes_through_the_gate(demo_pipeline):
-    """The same model again does not beat the champion by the margin: challenger only."""
+def test_registering_the_same_model_again_adds_no_version(demo_pipeline):
+    """Same weights, preprocessing and test set: the existing version goes through the gate
+    again (it is the champion already) and says it was not registered again."""
     root = demo_pipeline
     out = _run(root, "socialmae", "register", "demo")
     decision = json.loads(out[out.index("{") :])
-    assert decision["version"] == 2 and not decision["promoted"] and decision["champion"] == 1
-    assert "margin" in decision["reason"]
+    assert decision["version"] == 1 and not decision["registered_again"]
+    assert decision["outcome"] == "kept" and decision["champion"] == 1
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    assert len(client.search_model_versions("name = 'socialmae-demo'")) == 1
 
 
 def test_push_and_pull_through_a_local_remote(demo_pipeline, tmp_path):

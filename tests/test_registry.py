@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -203,6 +204,21 @@ def test_provenance_helpers(tmp_path):
 
 
 # --------------------------------------------------------------------------- registry
+
+
+def test_the_same_model_and_test_set_are_registered_once(sqlite_uri, classifier_dir, tmp_path):
+    first = _log(classifier_dir, sqlite_uri, 0.5)
+    again = _log(classifier_dir, sqlite_uri, 0.5)
+    assert again.reused and again.version == first.version and not first.reused
+    other_test_set = _log(classifier_dir, sqlite_uri, 0.5, ids=["other-clip"])
+    other = tmp_path / "other"
+    shutil.copytree(classifier_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["config"]["fbank_mean"] += 0.5  # another preprocessing of the same weights
+    (other / "config.json").write_text(json.dumps(config))
+    changed = _log(other, sqlite_uri, 0.5)
+    assert not other_test_set.reused and not changed.reused
+    assert len({first.version, other_test_set.version, changed.version}) == 3
 
 
 def test_registration_does_not_warn_about_its_own_example(sqlite_uri, classifier_dir, caplog):

@@ -314,6 +314,6 @@ def stage_register(
         task, version.version, metric, value, test_set, settings.margin,
         evaluate_champion=evaluate_champion, tracking_uri=uri,
     )  # fmt: skip
-    result = {**decision.to_dict(), "mode": mode}
+    result = {**decision.to_dict(), "mode": mode, "registered_again": not version.reused}
     atomic_write_text(out / "decision.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
