@@ -342,12 +342,21 @@ def test_serve_answers_http_requests_and_stops_on_sigterm(
         (["finetune", "demo"], {"finetune": {"demo": {"device": "tpu"}}}, "finetune.demo.device"),
         (["finetune", "demo"], {"finetune": {"demo": {"by_mode": {"video": {"lr": 1}}}}},
          "by_mode.video.lr"),
+        (["tune", "demo"], {"tune": {"demo": {"space": {"head_lrr": {"low": 0.1, "high": 0.2}}}}},
+         "tune.demo.space.head_lrr: not a fine-tuning param"),
+        (["register", "demo"], {}, "outputs/finetune/demo/metrics.json: not a finetune@demo"),
+        (["register", "demo"], {"register": {"mode": "video"}}, "register.mode: 'video' was not"),
     ],
 )  # fmt: skip
 def test_stage_user_errors_exit_2_before_any_work(command, params, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data: any work would fail differently
     (tmp_path / "params.yaml").write_text(json.dumps(params))
+    table = tmp_path / "outputs/finetune/demo/metrics.json"  # a broken (or audio-only) table
+    table.parent.mkdir(parents=True)
+    table.write_text('{"modes": ["audio"], "primary_metric": "f1_macro", "audio": {"test": {}}}'
+                     if "mode" in params.get("register", {}) else "{broken")  # fmt: skip
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     done = _run(*command, "--params", tmp_path / "params.yaml")
     assert done.exit_code == 2, done.output
     assert message in done.stderr and "Traceback" not in done.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -157,6 +157,15 @@ def _study(params_path, task: str, shards: Path, validation: Path, workdir: Path
         raise ParamsError(f"tune.{task}.enabled", f"expected true or false, got {enabled!r}")
     settings, space = parse_tune(section, f"tune.{task}")
     base = finetune_params(params, task, tuned=None)
+    for name, dimension in space.dimensions:  # a misspelt key stops here, not after 2 trials
+        sample = getattr(dimension, "low", None)
+        sample = dimension.choices[0] if sample is None else sample
+        try:
+            with_overrides(base, {name: sample})
+        except KeyError as exc:
+            raise ParamsError(f"tune.{task}.space.{name}", "not a fine-tuning param") from exc
+        except ParamsError as exc:
+            raise ParamsError(f"tune.{task}.space.{name}", exc.reason) from exc
     uri = resolve_tracking_uri(tracking_uri(params))  # trials nest under the study's run
     metric = primary_metric(spec)
 
@@ -289,8 +298,16 @@ def stage_register(
     table_path = finetuned / "metrics.json"
     if not table_path.is_file():
         raise FileNotFoundError(f"{table_path}: run finetune@{task} first")
-    table = json.loads(table_path.read_text())
-    mode = registered_mode(settings.mode, table)
+    try:
+        table = json.loads(table_path.read_text())
+        mode = registered_mode(settings.mode, table)
+        table[mode]["test"][table["primary_metric"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ParamsError(str(table_path), f"not a finetune@{task} metrics table ({exc!r}); "
+                          f"run finetune@{task} again") from None  # fmt: skip
+    if not (mode_dir(finetuned, mode) / "model").is_dir():
+        raise FileNotFoundError(f"{mode_dir(finetuned, mode) / 'model'}: no model; run "
+                                f"finetune@{task} again")  # fmt: skip
     metric = table["primary_metric"]
     value, test_set = float(table[mode]["test"][metric]), table["test_set"]
     logger.info("%s: registering the %s model (register.mode %s)", task, mode, settings.mode)
