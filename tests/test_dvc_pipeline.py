@@ -29,6 +29,9 @@ def test_repro_runs_every_stage_and_promotes_through_the_gate(demo_pipeline):
     assert result["primary_metric"] == "f1_macro" and result["modes"] == ["multimodal", "audio",
                                                                           "video"]  # fmt: skip
     assert all("f1_macro_ci95" in result[mode]["test"] for mode in result["modes"])
+    effective = json.loads((root / "outputs/finetune/demo/params.json").read_text())
+    assert effective["params"]["epochs"] == 3 and effective["params"]["preset"] == "demo"
+    assert effective["params_video"]["batch"] == 4  # the demo's per-mode change
     assert set(result["comparisons"]) == {"multimodal_vs_audio", "multimodal_vs_video",
                                           "audio_vs_video"}  # fmt: skip
     decision = json.loads((root / "outputs/register/demo/decision.json").read_text())

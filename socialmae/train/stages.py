@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ PRETRAIN = OUTPUTS / "pretrain"
 TUNE = OUTPUTS / "tune"
 FINETUNE = OUTPUTS / "finetune"
 BEST_PARAMS = "best_params.json"
+EFFECTIVE_PARAMS = "params.json"  # what finetune@task ran with: defaults + task block + tuned,
+# and per mode with its by_mode changes
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,10 @@ def stage_finetune(
     tuned = tuned if tuned is not None else TUNE / task / BEST_PARAMS
     settings = finetune_params(params, task, tuned)
     out = out if out is not None else FINETUNE / task
+    effective = {"params": asdict(settings),
+                 **{f"params_{mode}": asdict(params_for_mode(settings, mode))
+                    for mode in settings.modes}}  # fmt: skip
+    atomic_write_text(out / EFFECTIVE_PARAMS, json.dumps(effective, indent=2, default=list) + "\n")
     return finetune_modes(
         settings, task, shards, out, accepted_clips(validation), tracking_uri(params)
     )
