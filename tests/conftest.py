@@ -112,6 +112,7 @@ def demo_pipeline(tmp_path_factory) -> Path:
     shutil.copytree(REPO / "socialmae", root / "socialmae",
                     ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, SMALL_PIPELINE)))
     env = cli_env(root)

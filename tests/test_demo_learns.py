@@ -52,7 +52,7 @@ def test_the_demo_pipeline_learns_in_every_mode(tmp_path):
     root.mkdir()
     shutil.copytree(REPO / "socialmae", root / "socialmae",
                     ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
-    for name in ("dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
     env = cli_env(root)
     for command in (["dvc", "init", "--no-scm", "-q"], ["dvc", "repro"]):
