@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import mlflow
+import pandas as pd
 import pytest
 from conftest import cli_env
 
@@ -22,6 +23,8 @@ def test_repro_runs_every_stage_and_promotes_through_the_gate(demo_pipeline):
     root = demo_pipeline
     assert json.loads((root / "data/raw/demo/download_metrics.json").read_text())["clips"] == 24
     assert json.loads((root / "data/processed/validation/metrics.json").read_text())["success"]
+    clips = pd.read_parquet(root / "data/interim/faces/clips.parquet")  # no checkout location
+    assert all(p.startswith("data/raw/demo/clips/") for p in clips["path"])  # in tracked data
     assert json.loads((root / "outputs/pretrain/metrics.json").read_text())["steps"] == 9
     best = json.loads((root / "outputs/tune/demo/best_params.json").read_text())
     assert set(best["params"]) == {"optim.lr", "head_lr"} and best["n_trials"]["complete"] >= 1

@@ -333,4 +333,15 @@ def crop_faces(manifest: pd.DataFrame, out_dir: str | os.PathLike[str], params: 
 
 def _write_table(records: list[ClipRecord], path: Path) -> None:
     frame = pd.DataFrame([asdict(r) for r in records], columns=list(CLIP_COLUMNS))
+    frame["path"] = frame["path"].map(portable_path)
     atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def portable_path(path: str) -> str:
+    """``path`` relative to the working directory (the project root, where stages run) when it
+    lies below it, else as it is: the clip table is a tracked output, and the checkout's
+    location must not change its bytes."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path
