@@ -225,12 +225,13 @@ _UNSIGNED_PARAMS = ("workers",)  # how the work is spread, not what it produces
 
 def _signature(rows: pd.DataFrame, params: CropParams) -> str:
     """What a shard was made from: the params that shape the output and each clip's id, path
-    and content. The content, not the modification time: the marker lives in the tracked
-    output, so a source rewritten with the same bytes must leave it unchanged."""
+    (:func:`portable_path`) and content. The content, not the modification time: the marker
+    lives in the tracked output, so a source rewritten with the same bytes must leave it
+    unchanged."""
     settings = {k: v for k, v in asdict(params).items() if k not in _UNSIGNED_PARAMS}
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for clip_id, path in zip(rows["clip_id"], rows["abs_path"], strict=True):
-        h.update(f"{clip_id}\0{path}\0{_file_digest(path)}\n".encode())
+        h.update(f"{clip_id}\0{portable_path(path)}\0{_file_digest(path)}\n".encode())
     return h.hexdigest()
 
 
@@ -311,6 +312,7 @@ def crop_faces(manifest: pd.DataFrame, out_dir: str | os.PathLike[str], params: 
         [pd.read_parquet(out / f"shard-{n:05d}.parquet") for n in range(len(chunks))],
         ignore_index=True,
     ) if chunks else pd.DataFrame(columns=list(CLIP_COLUMNS))  # fmt: skip
+    table["path"] = table["path"].map(portable_path)  # also in shards an older version wrote
     atomic_write(out / CLIPS_TABLE, lambda tmp: table.to_parquet(tmp, index=False))
     seconds = time.perf_counter() - start
     ok = table[table["status"] == "ok"]
