@@ -338,6 +338,7 @@ def test_serve_answers_http_requests_and_stops_on_sigterm(
         (["pretrain"], {"pretrain": {"preset": "nosuch"}}, "pretrain.preset: unknown preset"),
         (["pretrain"], {"pretrain": {"device": "tpu"}}, "pretrain.device: expected auto"),
         (["pretrain"], {"pretrian": {"epochs": 1}}, "pretrian: unknown section"),
+        (["pretrain"], {"crop": {"image_size": 100}}, "crop.image_size: 100 is smaller than"),
         (["crop-faces"], {"crop": {"detector_backbone": "vgg"}}, "crop.detector_backbone"),
         (["finetune", "demo"], {"finetune": {"demo": {"device": "tpu"}}}, "finetune.demo.device"),
         (["finetune", "demo"], {"finetune": {"demo": {"by_mode": {"video": {"lr": 1}}}}},
@@ -360,3 +361,10 @@ def test_stage_user_errors_exit_2_before_any_work(command, params, message, tmp_
     assert done.exit_code == 2, done.output
     assert message in done.stderr and "Traceback" not in done.output
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_help_reads_as_text():
+    """Docstrings reflow to the terminal; no reStructuredText markup leaks into the help."""
+    for command in ("predict", "serve", "embed", "register"):
+        done = _run(command, "--help")
+        assert done.exit_code == 0 and "``" not in done.stdout, command

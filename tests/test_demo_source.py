@@ -256,3 +256,11 @@ def test_a_smaller_set_in_the_same_place_drops_the_clips_it_no_longer_has(tmp_pa
     assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == sorted(
         Path(p).name for p in frame["path"]
     )
+
+
+def test_generation_logs_its_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Progress goes to the log, so that a piped `make demo` shows it too."""
+    caplog.set_level("INFO", logger="socialmae.data.sources.demo")
+    demo.prepare_demo(tmp_path, identities=3, sentences=1, seconds=1.0)
+    lines = [r.getMessage() for r in caplog.records if "clips generated" in r.getMessage()]
+    assert lines[-1] == "demo: 18/18 clips generated" and len(lines) >= 9

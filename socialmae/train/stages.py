@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from socialmae.io import atomic_write_text
+from socialmae.model import get_preset
 from socialmae.model.social_mae import MODES
 from socialmae.params import ParamsError, deep_merge, from_mapping, load_params
 from socialmae.pipeline import FACES, VALIDATION
@@ -97,6 +98,17 @@ def finetune_params(params: dict[str, Any], task: str, tuned: Path | None) -> Fi
     return with_overrides(base, best)
 
 
+def check_crop_size(params: dict[str, Any], image_size: int, model: str) -> None:
+    """The face crops must be at least as large as the model's input (larger ones are resized
+    down; smaller ones would be upsampled): checked before any work."""
+    from socialmae.data.crop import CropParams
+
+    crop = from_mapping(CropParams, params.get("crop"), "crop")
+    if crop.image_size < image_size:
+        raise ParamsError("crop.image_size", f"{crop.image_size} is smaller than the "
+                          f"{image_size}-pixel input of {model}")  # fmt: skip
+
+
 def stage_pretrain(
     params_path: str | os.PathLike[str],
     shards: Path = FACES,
@@ -106,6 +118,9 @@ def stage_pretrain(
     """Self-supervised pretraining on the accepted clips (``pretrain`` in params.yaml)."""
     params = load_params(params_path)
     settings = from_mapping(PretrainParams, params.get("pretrain"), "pretrain")
+    check_crop_size(
+        params, get_preset(settings.preset).image_size, f"pretrain.preset {settings.preset}"
+    )
     accepted = accepted_clips(validation, settings.datasets)
     return pretrain(settings, shards, out, accepted, tracking_uri(params))
 
