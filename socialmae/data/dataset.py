@@ -205,11 +205,16 @@ def sample_clip(
     wanted = np.mod(wanted, max(duration, 1e-6))  # tiles clips shorter than the window
     index = np.abs(times_stored[None, :] - wanted[:, None]).argmin(axis=1)
     frames = np.stack([clip.frame(int(i)) for i in index])  # [T, H, W, 3]
-    if sampling.audio_window == "aligned":
-        audio = _tile(clip.audio, start, sampling.window_seconds)
-    else:
-        audio = clip.audio[: int(REFERENCE_AUDIO_SECONDS * SAMPLE_RATE)]
+    audio = _audio_window(clip.audio, start, sampling)
     return ClipWindow(frames, audio, times_stored[index], index, start)
+
+
+def _audio_window(audio: np.ndarray, start: float, sampling: ClipSampling) -> np.ndarray:
+    """The audio the model hears ``[N]``: the window from ``start`` (``aligned``), or the
+    reference's first 10.24 s."""
+    if sampling.audio_window == "aligned":
+        return _tile(audio, start, sampling.window_seconds)
+    return audio[: int(REFERENCE_AUDIO_SECONDS * SAMPLE_RATE)]
 
 
 def to_inputs(
@@ -440,10 +445,7 @@ def _load_voice(
     if audio.size < SAMPLE_RATE // 10:
         raise MediaError(path, f"too short: {audio.size / SAMPLE_RATE:.2f} s of audio")
     start = _window(audio.size / SAMPLE_RATE, sampling.window_seconds, False, None)
-    if sampling.audio_window == "aligned":
-        audio = _tile(audio, start, sampling.window_seconds)
-    else:
-        audio = audio[: int(REFERENCE_AUDIO_SECONDS * SAMPLE_RATE)]
+    audio = _audio_window(audio, start, sampling)
     feats = pad_frames(log_mel(audio, config.num_mel_bins), config.audio_length)
     return ClipInputs(
         audio=normalize_fbank(feats, config.fbank_mean, config.fbank_std), video=None,
