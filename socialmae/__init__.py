@@ -1,16 +1,26 @@
-"""Social-MAE: an audiovisual masked autoencoder for face and voice, with its MLOps pipeline."""
+"""Social-MAE: an audiovisual masked autoencoder for face and voice, with its MLOps pipeline.
 
-from socialmae.checkpoints import CheckpointError, load_checkpoint
-from socialmae.losses import LossWeights
-from socialmae.model import (
-    PRESETS,
-    SocialMAE,
-    SocialMAEClassifier,
-    SocialMAEConfig,
-    get_preset,
-)
+The public names load on first use (PEP 562), so ``import socialmae`` and the ``socialmae``
+command start without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_LAZY = {  # public name -> module that defines it
+    "CheckpointError": "socialmae.checkpoints",
+    "load_checkpoint": "socialmae.checkpoints",
+    "LossWeights": "socialmae.losses",
+    "PRESETS": "socialmae.model.config",
+    "SocialMAEConfig": "socialmae.model.config",
+    "get_preset": "socialmae.model.config",
+    "SocialMAE": "socialmae.model.social_mae",
+    "SocialMAEClassifier": "socialmae.model.social_mae",
+}
 
 __all__ = [
     "PRESETS",
@@ -23,3 +33,21 @@ __all__ = [
     "get_preset",
     "load_checkpoint",
 ]
+
+if TYPE_CHECKING:
+    from socialmae.checkpoints import CheckpointError, load_checkpoint
+    from socialmae.losses import LossWeights
+    from socialmae.model.config import PRESETS, SocialMAEConfig, get_preset
+    from socialmae.model.social_mae import SocialMAE, SocialMAEClassifier
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

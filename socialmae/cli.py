@@ -16,10 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
 import typer
 
-from socialmae.checkpoints import CheckpointError, load_checkpoint
 from socialmae.data.errors import MediaError
-from socialmae.model import SocialMAE, SocialMAEClassifier
-from socialmae.model.social_mae import Mode
+from socialmae.model.config import Mode
 from socialmae.tasks import TASKS
 
 if TYPE_CHECKING:
@@ -145,6 +143,8 @@ def register(task: str, params: Annotated[Path, typer.Option()] = Path("params.y
 @app.command()
 def info(path: Path) -> None:
     """Describe a checkpoint (official .pth or saved directory) as JSON."""
+    from socialmae.checkpoints import CheckpointError, load_checkpoint
+
     try:
         model = load_checkpoint(path)
     except CheckpointError as exc:
@@ -169,6 +169,9 @@ def convert(
     labels: Annotated[str | None, typer.Option(help="comma-separated class names")] = None,
 ) -> None:
     """Convert an official Social-MAE / CAV-MAE .pth into a safetensors directory."""
+    from socialmae.checkpoints import CheckpointError, load_checkpoint
+    from socialmae.model import SocialMAEClassifier
+
     if task not in ("classification", "regression"):
         _fail(f"--task must be classification or regression, got {task!r}")
     names = tuple(labels.split(",")) if labels else None
@@ -235,6 +238,7 @@ def _load_predictor(
     directory or an official `.pth` (:meth:`Predictor.load`); exits 2 when it cannot."""
     from mlflow.exceptions import MlflowException
 
+    from socialmae.checkpoints import CheckpointError
     from socialmae.inference import Predictor
     from socialmae.registry import champion_uri, load_registered
     from socialmae.tasks import get_task
@@ -479,8 +483,10 @@ def reconstruct(
     Exit codes: 0 written; 1 the clip could not be used; 2 bad arguments or a model that
     cannot be loaded.
     """
+    from socialmae.checkpoints import CheckpointError, load_checkpoint
     from socialmae.data.dataset import load_clip
     from socialmae.figures import save_reconstruction_figure
+    from socialmae.model import SocialMAE
 
     if not 0.0 <= mask_ratio < 1.0:
         _fail(f"--mask-ratio must be in [0, 1), got {mask_ratio}")
@@ -563,6 +569,8 @@ def _servable(model: str, tracking_uri: str, stack: contextlib.ExitStack) -> tup
     """What `mlflow models serve -m` gets, and the tracking URI it resolves that with."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from socialmae.checkpoints import CheckpointError
 
     if _is_uri(model):
         if model.startswith("models:/"):  # fail here, not deep inside the server's start

@@ -440,7 +440,7 @@ def promote(
     for key, tag in ((TAG_METRIC_NAME, metric_name), (TAG_METRIC_VALUE, repr(value)),
                      (TAG_FINGERPRINT, test_fingerprint)):  # fmt: skip
         client.set_model_version_tag(name, str(version), key, tag)
-    with _promotion_lock(uri, name):  # read the champion, decide and move it as one step
+    with _promotion_lock(client, uri, name):  # read the champion, decide and move it as one step
         client.set_registered_model_alias(name, CHALLENGER, str(version))
         decision = _decide(
             client, name, version, metric_name, value, test_fingerprint, margin,
@@ -465,14 +465,27 @@ def _quiet(logger_name: str) -> Iterator[None]:
         target.setLevel(level)
 
 
+PROMOTION_LEASE_STALE_S = 900.0  # a lease unchanged this long was left by a dead promoter
+PROMOTION_LEASE_WAIT_S = 1200.0  # give up waiting for another promotion after this long
+LEASE_SUFFIX = ".promotion-lease"  # the registered model that is the lease of ``<name>``
+
+
+class PromotionBusyError(RuntimeError):
+    """Another promotion of the same model held the lease longer than we could wait."""
+
+
 @contextlib.contextmanager
-def _promotion_lock(uri: str, name: str) -> Iterator[None]:
-    """Serialise the promotions of model ``name`` on a sqlite store: an exclusive lock on a
-    file beside the database, so two processes cannot both read the old champion and the
-    worse candidate win by writing last. A tracking server has no lock to take; there
-    promotions of one name must not run at once (README, Troubleshooting)."""
+def _promotion_lock(client: MlflowClient, uri: str, name: str) -> Iterator[None]:
+    """Serialise the promotions of model ``name``, so two processes cannot both read the old
+    champion and the worse candidate win by writing last.
+
+    On a sqlite store: an exclusive lock on a file beside the database (released by the OS
+    if the holder dies). On any other store (a tracking server, a database URI): a lease
+    taken through the registry itself, see :func:`_registry_lease`.
+    """
     if not uri.startswith("sqlite:///"):
-        yield
+        with _registry_lease(client, name):
+            yield
         return
     import fcntl
 
@@ -484,6 +497,87 @@ def _promotion_lock(uri: str, name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _registry_lease(
+    client: MlflowClient,
+    name: str,
+    stale_after_s: float = PROMOTION_LEASE_STALE_S,
+    wait_s: float = PROMOTION_LEASE_WAIT_S,
+) -> Iterator[None]:
+    """Hold the lease of ``name``: the registered model ``<name>.promotion-lease``.
+
+    Creating a registered model is atomic on every MLflow store (the name is the store's
+    primary key), so exactly one of several concurrent creators succeeds: that is the
+    compare-and-set the registry API offers. The holder deletes it when done. A lease whose
+    holder died is broken once the same holder has been seen for ``stale_after_s`` (measured
+    on this machine's clock, so clock skew between hosts does not matter).
+
+    Raises:
+        PromotionBusyError: the lease stayed with live holders for more than ``wait_s``.
+    """
+    import random
+    import socket
+    import time
+    import uuid
+
+    lease = f"{name}{LEASE_SUFFIX}"
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    start = time.monotonic()
+    seen: tuple[str, float] | None = None  # (holder, when we first saw it)
+    while True:
+        try:
+            client.create_registered_model(
+                lease, tags={"holder": holder},
+                description=f"held while {holder} promotes {name}; delete it if that process died",
+            )  # fmt: skip
+            break
+        except MlflowException as exc:
+            # taken; or, from a server that looks the lease up after the failed insert, just
+            # released by its holder: either way try again
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                raise
+        other = _lease_holder(client, lease)
+        now = time.monotonic()
+        if other is not None:
+            if seen is None or seen[0] != other:
+                seen = (other, now)
+            elif now - seen[1] > stale_after_s:
+                logger.warning("breaking the promotion lease of %s left by %s (held > %.0f s)",
+                               name, other, stale_after_s)  # fmt: skip
+                if _lease_holder(client, lease) == other:
+                    _delete_lease(client, lease)
+                seen = None
+                continue
+        if now - start > wait_s:
+            raise PromotionBusyError(
+                f"{name}: another promotion ({other}) held the lease {lease!r} for more than "
+                f"{wait_s:.0f} s; if that process died, delete the registered model {lease!r}"
+            )
+        time.sleep(0.05 + 0.1 * random.random())
+    try:
+        yield
+    finally:
+        _delete_lease(client, lease)
+
+
+def _lease_holder(client: MlflowClient, lease: str) -> str | None:
+    """The holder recorded on the lease, or None if it is gone."""
+    try:
+        return (client.get_registered_model(lease).tags or {}).get("holder", "?")
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return None
+        raise
+
+
+def _delete_lease(client: MlflowClient, lease: str) -> None:
+    try:
+        client.delete_registered_model(lease)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            raise
 
 
 def _decide(

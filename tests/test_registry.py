@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ import mlflow
 import pandas as pd
 import pytest
 from media import write_clip
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from socialmae import registry
@@ -411,20 +413,26 @@ def test_mlflow_models_serve_answers_invocations(server_uri, classifier_dir, cli
 
 
 @pytest.mark.integration
-def test_concurrent_promotions_crown_the_best_model(sqlite_uri, classifier_dir):
-    """Four processes promote four versions at once on one sqlite store, three rounds: the
-    champion is always the best (the gate's read-decide-write is serialised per model)."""
+def test_concurrent_promotions_crown_the_best_model(tracking_uri):
+    """Four processes promote four versions at once, three rounds, on a sqlite store (file
+    lock) and through a real ``mlflow server`` (the registry lease): the champion is always
+    the best, and no lease is left behind."""
     import multiprocessing
 
     fp = registry.test_set_fingerprint(IDS)
     context = multiprocessing.get_context("fork")
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(client.create_experiment(f"race-{time.time_ns()}")).info.run_id
     for round_ in range(3):
         scores = [0.30, 0.50, 0.40, 0.45]
         task = f"race{round_}"
-        versions = [_log(classifier_dir, sqlite_uri, s, task=task).version for s in scores]
+        name = registry.model_name(task)
+        client.create_registered_model(name)  # versions only: the gate never loads the model
+        source = f"runs:/{run}/model"
+        versions = [int(client.create_model_version(name, source, run).version) for _ in scores]
         barrier = context.Barrier(len(scores))
         workers = [
-            context.Process(target=_promote_race, args=(barrier, sqlite_uri, task, v, s, fp))
+            context.Process(target=_promote_race, args=(barrier, tracking_uri, task, v, s, fp))
             for v, s in zip(versions, scores, strict=True)
         ]
         for worker in workers:
@@ -432,10 +440,31 @@ def test_concurrent_promotions_crown_the_best_model(sqlite_uri, classifier_dir):
         for worker in workers:
             worker.join(120)
             assert worker.exitcode == 0
-        champion = _aliases(sqlite_uri, task)["champion"]
+        champion = _aliases(tracking_uri, task)["champion"]
         assert champion == versions[scores.index(max(scores))], (round_, champion, versions)
+    left = [m.name for m in client.search_registered_models() if registry.LEASE_SUFFIX in m.name]
+    assert left == []
 
 
 def _promote_race(barrier, uri: str, task: str, version: int, value: float, fp: str) -> None:
     barrier.wait()  # every process reads the champion at the same moment
     registry.promote(task, version, "accuracy", value, fp, 0.0, tracking_uri=uri)
+
+
+@pytest.mark.integration
+def test_promotion_lease_waits_breaks_stale_and_gives_up(server_uri):
+    """The server lease: a live holder makes others wait and then give up with a message
+    naming the lease; a holder that stays unchanged past the stale limit is broken."""
+    client = MlflowClient(server_uri)
+    name = registry.model_name("lease")
+    lease = name + registry.LEASE_SUFFIX
+    with registry._registry_lease(client, name):
+        assert client.get_registered_model(lease).tags["holder"].endswith(tuple("0123456789abcdef"))
+        busy = pytest.raises(registry.PromotionBusyError, match=re.escape(lease))
+        with busy, registry._registry_lease(client, name, stale_after_s=60, wait_s=0.5):
+            pass
+    with pytest.raises(MlflowException):  # released
+        client.get_registered_model(lease)
+    client.create_registered_model(lease, tags={"holder": "dead-host:1:0"})  # a dead promoter
+    with registry._registry_lease(client, name, stale_after_s=0.3, wait_s=30):
+        assert client.get_registered_model(lease).tags["holder"] != "dead-host:1:0"

@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+Mode = Literal["multimodal", "audio", "video"]  # which streams a classifier hears
+MODES: tuple[Mode, ...] = ("multimodal", "audio", "video")
+
 ChannelOrder = Literal["RGB", "BGR"]
 ActivationCheckpointing = Literal["none", "decoder", "encoder", "all"]
 

@@ -21,7 +21,7 @@ from socialmae.losses import (
     masked_reconstruction_loss,
     total_loss,
 )
-from socialmae.model.config import SocialMAEConfig, get_preset
+from socialmae.model.config import MODES, Mode, SocialMAEConfig, get_preset
 from socialmae.model.layers import (
     Block,
     freeze_modality_norms,
@@ -42,9 +42,7 @@ from socialmae.model.masking import (
     unshuffle,
 )
 
-Mode = Literal["multimodal", "audio", "video"]
 Task = Literal["classification", "regression"]
-MODES: tuple[Mode, ...] = ("multimodal", "audio", "video")
 
 
 @dataclass
