@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {  # public name -> module that defines it
-    "CheckpointError": "socialmae.checkpoints",
+    "CheckpointError": "socialmae.state_dicts",
     "load_checkpoint": "socialmae.checkpoints",
     "LossWeights": "socialmae.losses",
     "PRESETS": "socialmae.model.config",

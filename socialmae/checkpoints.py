@@ -18,9 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,25 +31,27 @@ from socialmae.io import atomic_directory
 from socialmae.model.config import SocialMAEConfig, get_preset
 from socialmae.model.layers import reference_video_token_index, sincos_1d
 from socialmae.model.social_mae import SocialMAE, SocialMAEClassifier, SocialMAEEncoder, Task
+from socialmae.state_dicts import (  # re-exported: the checkpoint API raises and returns these
+    CheckpointError as CheckpointError,
+)
+from socialmae.state_dicts import (
+    StateDict as StateDict,
+)
+from socialmae.state_dicts import (
+    read_state_dict as read_state_dict,
+)
+from socialmae.state_dicts import (
+    state_dict_mismatches as state_dict_mismatches,
+)
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
-StateDict = dict[str, torch.Tensor]
 Family = Literal["social-mae", "cav-mae"]
 
 _VIDEO_POSITIONS = ("pos_embed_v", "decoder_pos_embed_v")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with the file and the reason."""
-
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 @dataclass
@@ -83,38 +83,6 @@ class LoadReport:
 
 
 # --------------------------------------------------------------------------- reading .pth
-
-
-def _torch_load(path: Path) -> Any:
-    if not path.is_file():
-        raise CheckpointError(path, "no such file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(path, "file is empty")
-    try:  # zip-format files are memory-mapped: a 700 MB checkpoint is not read twice
-        return torch.load(
-            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-        )
-    except pickle.UnpicklingError as exc:  # also what weights_only raises for code objects
-        raise CheckpointError(
-            path, f"not a torch checkpoint of plain tensors, or truncated ({exc})"
-        ) from exc
-    except Exception as exc:
-        raise CheckpointError(path, f"truncated or not a torch checkpoint ({exc})") from exc
-
-
-def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
-    """Tensors of a ``.pth`` file, ``module.`` prefixes removed (``weights_only=True``)."""
-    path = Path(path)
-    obj = _torch_load(path)
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(path, f"expected a state dict, found {type(obj).__name__}")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
-    if bad:
-        raise CheckpointError(path, f"not a state dict of tensors (e.g. entry {bad[0]!r})")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def _count(sd: StateDict, prefix: str) -> int:
@@ -223,24 +191,6 @@ def native_to_official(model: SocialMAEEncoder) -> StateDict:
             value = value[:, order]
         sd[key] = value.contiguous()
     return sd
-
-
-def state_dict_mismatches(
-    model: torch.nn.Module, sd: StateDict, source: str = "checkpoint"
-) -> list[str]:
-    """Missing, unexpected and wrongly shaped tensors of ``sd`` against ``model``."""
-    expected = model.state_dict()
-    problems = []
-    if missing := sorted(set(expected) - set(sd)):
-        problems.append(f"missing {len(missing)} tensor(s): {missing[:8]}")
-    if unexpected := sorted(set(sd) - set(expected)):
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {unexpected[:8]}")
-    for key in sorted(set(sd) & set(expected)):
-        if sd[key].shape != expected[key].shape:
-            problems.append(
-                f"{key}: {source} {list(sd[key].shape)} vs model {list(expected[key].shape)}"
-            )
-    return problems
 
 
 def _check_and_load(model: torch.nn.Module, sd: StateDict, path: str | os.PathLike[str]) -> None:

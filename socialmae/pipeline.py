@@ -16,14 +16,12 @@ import pandas as pd
 
 from socialmae.data.crop import CropParams, crop_faces
 from socialmae.data.errors import MediaError
+from socialmae.data.layout import FACES, RAW, VALIDATION
 from socialmae.data.manifest import read_manifest
 from socialmae.data.sources.catalog import SOURCES, check_names, parse_download
 from socialmae.io import atomic_write_text
 from socialmae.params import ParamsError, from_mapping, load_params
 
-RAW = Path("data/raw")
-FACES = Path("data/interim/faces")
-VALIDATION = Path("data/processed/validation")
 CROP_METRICS_NAME = "crop_metrics.json"  # beside the shards, never inside them: its timings
 # change on every run and would change the hash of the tracked shard directory
 

@@ -26,6 +26,7 @@ import pandas as pd
 
 from socialmae.data.clips import CLIPS_TABLE
 from socialmae.data.features import fbank
+from socialmae.data.layout import FACES, RAW, VALIDATION
 from socialmae.data.manifest import MANIFEST_NAME, SPLITS, read_manifest
 from socialmae.data.shards import ShardReader
 from socialmae.params import load_yaml
@@ -45,9 +46,6 @@ logger = logging.getLogger(__name__)
 PROJECT_ENV = "SOCIALMAE_PROJECT"
 """Environment variable naming the project root the notebooks read (default: found from cwd)."""
 
-RAW = Path("data/raw")
-FACES = Path("data/interim/faces")
-VALIDATION = Path("data/processed/validation")
 OUTPUTS = Path("outputs")
 
 MODES = ("audio", "video", "multimodal")

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from socialmae import reports
+from socialmae.data.layout import RAW, VALIDATION
 from socialmae.data.manifest import ManifestRow, write_manifest
 from socialmae.model import SocialMAE, get_preset
 from socialmae.tasks import EMOTIONS, get_task
@@ -69,7 +70,7 @@ def test_tasks_are_the_projects_then_the_papers(tmp_path):
 
 
 def _write_validation(root: Path) -> None:
-    validation = root / reports.VALIDATION
+    validation = root / VALIDATION
     validation.mkdir(parents=True)
     (validation / "metrics.json").write_text(json.dumps({"clips": 5, "quarantined": 2}))
     pd.DataFrame(
@@ -89,7 +90,7 @@ def test_data_overview_tables(tmp_path):
              ("s3", "test", "anger")]
         )
     ]  # fmt: skip
-    write_manifest(rows, tmp_path / reports.RAW / "demo")
+    write_manifest(rows, tmp_path / RAW / "demo")
     manifest = reports.read_manifests(tmp_path)
     summary = reports.split_summary(manifest)
     assert list(summary.index) == [("demo", "train"), ("demo", "val"), ("demo", "test")]

@@ -53,14 +53,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from socialmae.data.download import redact
 from socialmae.data.errors import MediaError
 from socialmae.io import atomic_write
+from socialmae.state_dicts import CheckpointError, StateDict, read_state_dict, state_dict_mismatches
 
 logger = logging.getLogger(__name__)
 
 Backbone = Literal["mobilenet0.25", "resnet50"]
 Normalization = Literal["biubug6", "imagenet"]
-StateDict = dict[str, torch.Tensor]
 
 CACHE_ENV = "SOCIALMAE_CACHE"
 CACHE_LAYOUT = 1  # bump when the converted state dict's names or layout change
@@ -526,13 +527,6 @@ def _is_url(text: str) -> bool:
     return urllib.parse.urlsplit(text).scheme.lower() in ("http", "https")
 
 
-def _redact(url: str) -> str:
-    """``url`` without user info, query and fragment (for messages)."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=host, query="", fragment=""))
-
-
 def fetch(url: str, timeout: float = 60.0) -> Path:
     """Download ``url`` into ``<cache>/downloads`` once (atomic rename) and return the file."""
     parts = urllib.parse.urlsplit(url)
@@ -550,40 +544,30 @@ def fetch(url: str, timeout: float = 60.0) -> Path:
                 out.write(chunk)
                 size += len(chunk)
             if expected is not None and size != int(expected):
-                raise MediaError(_redact(url), f"incomplete download: {size} of {expected} bytes")
+                raise MediaError(redact(url), f"incomplete download: {size} of {expected} bytes")
 
-    logger.info("downloading %s to %s", _redact(url), target)
+    logger.info("downloading %s to %s", redact(url), target)
     try:
         return atomic_write(target, download)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         if isinstance(exc, MediaError):
             raise
-        raise MediaError(_redact(url), f"download failed ({exc})") from exc
+        raise MediaError(redact(url), f"download failed ({exc})") from exc
 
 
 def read_weights(path: str | os.PathLike[str]) -> StateDict:
-    """Tensors of a ``.pth`` (``torch.load(weights_only=True)``) or ``.safetensors`` file;
-    ``state_dict`` / ``model`` wrappers and ``module.`` prefixes removed."""
-    from socialmae.checkpoints import CheckpointError, read_state_dict
+    """Tensors of a ``.pth`` or ``.safetensors`` weights file (:func:`read_state_dict`).
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        try:
-            return read_state_dict(path)  # the project's one reader of foreign .pth files
-        except CheckpointError as exc:
-            raise MediaError(path, exc.reason) from exc
-    if not path.is_file():
-        raise MediaError(path, "no such weights file")
+    Raises:
+        MediaError: missing, unreadable or not a state dict.
+    """
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise MediaError(path, f"unreadable safetensors file ({exc})") from exc
-    return {k.removeprefix("module."): v for k, v in tensors.items()}
+        return read_state_dict(path)
+    except CheckpointError as exc:
+        raise MediaError(path, exc.reason) from exc
 
 
 def _mismatch(model: nn.Module, sd: StateDict) -> list[str]:
-    from socialmae.checkpoints import state_dict_mismatches
-
     return state_dict_mismatches(model, sd, source="file")
 
 

@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 from socialmae.model.config import MODES, PRESETS, Mode, SocialMAEConfig, get_preset
 
-_TORCH_NAMES = (
-    "EncoderFeatures",
-    "PretrainOutput",
-    "Reconstruction",
-    "SocialMAE",
-    "SocialMAEClassifier",
-    "SocialMAEEncoder",
-)
+_LAZY = {  # torch-backed name -> module that defines it
+    "EncoderFeatures": "socialmae.model.social_mae",
+    "PretrainOutput": "socialmae.model.social_mae",
+    "Reconstruction": "socialmae.model.social_mae",
+    "SocialMAE": "socialmae.model.social_mae",
+    "SocialMAEClassifier": "socialmae.model.social_mae",
+    "SocialMAEEncoder": "socialmae.model.social_mae",
+}
 
 __all__ = [
     "MODES",
@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name in _TORCH_NAMES:
-        value = getattr(importlib.import_module("socialmae.model.social_mae"), name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,11 +18,11 @@ from typing import Any
 
 import pandas as pd
 
+from socialmae.data.layout import FACES, VALIDATION
 from socialmae.io import atomic_write_text
 from socialmae.model import get_preset
 from socialmae.model.social_mae import MODES
 from socialmae.params import ParamsError, deep_merge, from_mapping, load_params
-from socialmae.pipeline import FACES, VALIDATION
 from socialmae.tasks import TASKS, get_task
 from socialmae.tracking import resolve_tracking_uri
 from socialmae.train.engine import Report
