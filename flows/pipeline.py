@@ -90,7 +90,7 @@ def pipeline(
     """
     project = Path(root).resolve()
     tasks = orchestration.project_tasks(project)
-    stages = orchestration.pipeline_stages(tasks)
+    stages = orchestration.pipeline_stages(project, tasks)
     runs = run_stages(project, stages, gpus, force or (), download_retries, retry_delay_seconds)
     report(project, tasks, runs, "Social-MAE pipeline", PIPELINE_ARTIFACT)
     return runs

@@ -42,7 +42,7 @@ def retrain(
     """
     project = Path(root).resolve()
     tasks = orchestration.project_tasks(project)
-    stages = orchestration.pipeline_stages(tasks, pretrain=pretrain)
+    stages = orchestration.pipeline_stages(project, tasks, pretrain=pretrain)
     force = ["download"] if refresh_data else []
     runs = run_stages(project, stages, gpus, force, download_retries, retry_delay_seconds)
     report(project, tasks, runs, "Social-MAE retraining", RETRAIN_ARTIFACT)

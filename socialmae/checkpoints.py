@@ -300,12 +300,24 @@ def load_checkpoint(
 # --------------------------------------------------------------------------- initialisation
 
 
-def _native_source(path: Path) -> tuple[SocialMAEConfig, StateDict]:
+@dataclass(frozen=True)
+class InitSource:
+    """A checkpoint read once to initialise models from: its architecture and its tensors
+    under this package's names."""
+
+    path: Path
+    config: SocialMAEConfig
+    state_dict: StateDict
+
+
+def read_init_source(path: str | os.PathLike[str]) -> InitSource:
+    """Read a saved directory or an official ``.pth`` for :func:`initialize_from`."""
+    path = Path(path)
     if path.is_dir():
         meta, sd = _read_pretrained(path)
-        return _build_native(meta, path).config, sd
+        return InitSource(path, _build_native(meta, path).config, sd)
     ckpt = read_official(path)
-    return ckpt.config, official_to_native(ckpt.state_dict, ckpt.config, path)
+    return InitSource(path, ckpt.config, official_to_native(ckpt.state_dict, ckpt.config, path))
 
 
 def _inflate(
@@ -331,7 +343,9 @@ def _inflate(
     return None
 
 
-def initialize_from(model: SocialMAEEncoder, source: str | os.PathLike[str]) -> LoadReport:
+def initialize_from(
+    model: SocialMAEEncoder, source: str | os.PathLike[str] | InitSource
+) -> LoadReport:
     """Initialise ``model`` from any checkpoint, carrying over everything that fits.
 
     Tensors of equal name and shape are copied; video tensors of a model with another tubelet
@@ -339,8 +353,9 @@ def initialize_from(model: SocialMAEEncoder, source: str | os.PathLike[str]) -> 
     of dropped: the patch kernel is spread evenly over the tubelet's frames, predictions are
     repeated per frame, and positional tables repeated over time with a sin-cos time offset.
     """
-    path = Path(source)
-    src_cfg, src = _native_source(path)
+    if not isinstance(source, InitSource):
+        source = read_init_source(source)
+    path, src_cfg, src = source.path, source.config, source.state_dict
     report = LoadReport()
     state = model.state_dict()
     with torch.no_grad():

@@ -52,11 +52,14 @@ def _fail(message: str) -> NoReturn:
 
 
 def _stage(run, *args) -> None:
+    """Run a stage and print its metrics; a user error (a bad param, a missing or unusable
+    input file or checkpoint) ends with its one-line message and exit code 2."""
     from socialmae.params import ParamsError
+    from socialmae.state_dicts import CheckpointError
 
     try:
         metrics = run(*args)
-    except (ParamsError, MediaError, FileNotFoundError) as exc:
+    except (ParamsError, MediaError, CheckpointError, FileNotFoundError) as exc:
         _fail(str(exc))
         return
     typer.echo(json.dumps(metrics, indent=2, sort_keys=True, default=str))

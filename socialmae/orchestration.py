@@ -29,9 +29,7 @@ from socialmae.tasks import TASKS
 logger = logging.getLogger(__name__)
 
 Log = logging.Logger | logging.LoggerAdapter
-DATA_STAGES = ("download", "crop_faces", "validate")
-PRETRAIN_STAGE = "pretrain"
-TASK_STAGES = ("tune", "finetune", "register")  # dvc.yaml `foreach: ${tasks}` -> <stage>@<task>
+PRETRAIN_STAGE = "pretrain"  # the stage the flows may run under torchrun
 
 
 class CommandError(RuntimeError):
@@ -65,11 +63,15 @@ def project_tasks(root: Path, params: str = "params.yaml") -> tuple[str, ...]:
     return tuple(tasks)
 
 
-def pipeline_stages(tasks: Iterable[str], pretrain: bool = True) -> list[str]:
-    """dvc.yaml's stage names in run order: data stages, ``pretrain`` (unless ``pretrain`` is
-    False), then tune/finetune/register for each task."""
-    head = [*DATA_STAGES, *([PRETRAIN_STAGE] if pretrain else [])]
-    return head + [f"{stage}@{task}" for task in tasks for stage in TASK_STAGES]
+def pipeline_stages(root: Path, tasks: Iterable[str], pretrain: bool = True) -> list[str]:
+    """The stage names of ``root/dvc.yaml`` in run order: its single stages in file order
+    (without ``pretrain`` when ``pretrain`` is False), then, for each task, its ``foreach``
+    stages in file order (``tune@task``, ``finetune@task``, ``register@task``)."""
+    spec = load_yaml(root / "dvc.yaml").get("stages") or {}
+    single = [name for name, stage in spec.items() if "foreach" not in stage]
+    single = [name for name in single if pretrain or name != PRETRAIN_STAGE]
+    per_task = [name for name, stage in spec.items() if "foreach" in stage]
+    return single + [f"{stage}@{task}" for task in tasks for stage in per_task]
 
 
 def repro_args(stage: str, force: bool = False) -> list[str]:

@@ -61,6 +61,7 @@ from socialmae.inference import (
     write_preprocessing,
 )
 from socialmae.tracking import resolve_tracking_uri, using_tracking_uri
+from socialmae.tracking import task_name as model_name
 from socialmae.train.engine import test_set_fingerprint as test_set_fingerprint  # re-exported
 
 logger = logging.getLogger(__name__)
@@ -82,11 +83,6 @@ TAG_FINGERPRINT = "test_fingerprint"
 TAG_WEIGHTS = "model_fingerprint"  # sha256 of the logged weights, config and preprocessing
 TAG_DECISION = "promotion"  # JSON of the PromotionDecision
 TAG_DECISION_OUTCOME = "promotion_outcome"  # promoted | kept | refused
-
-
-def model_name(task: str) -> str:
-    """The registered model of a task: ``socialmae-<task>``."""
-    return f"socialmae-{task}"
 
 
 def champion_uri(task: str) -> str:

@@ -22,6 +22,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
+def task_name(task: str) -> str:
+    """``socialmae-<task>``: a task's MLflow experiment (tuning, fine-tuning, registration runs)
+    and its registered model."""
+    return f"socialmae-{task}"
+
+
 def resolve_tracking_uri(explicit: str | None = None) -> str:
     """``explicit`` if given, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI

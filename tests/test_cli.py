@@ -345,6 +345,8 @@ def test_serve_answers_http_requests_and_stops_on_sigterm(
          "by_mode.video.lr"),
         (["tune", "demo"], {"tune": {"demo": {"space": {"head_lrr": {"low": 0.1, "high": 0.2}}}}},
          "tune.demo.space.head_lrr: not a fine-tuning param"),
+        (["finetune", "demo"], {"finetune": {"demo": {"init": "nosuch/model"}}},
+         "finetune.demo.init: nosuch/model: no such file"),
         (["register", "demo"], {}, "outputs/finetune/demo/metrics.json: not a finetune@demo"),
         (["register", "demo"], {"register": {"mode": "video"}}, "register.mode: 'video' was not"),
     ],
@@ -361,6 +363,19 @@ def test_stage_user_errors_exit_2_before_any_work(command, params, message, tmp_
     assert done.exit_code == 2, done.output
     assert message in done.stderr and "Traceback" not in done.output
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_unknown_tuned_value_exits_2_naming_it(tmp_path, monkeypatch):
+    """best_params.json from an older search space names a key that no longer exists."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}")
+    best = tmp_path / "outputs/tune/demo/best_params.json"
+    best.parent.mkdir(parents=True)
+    best.write_text(json.dumps({"params": {"optim.lrr": 0.1}}))
+    done = _run("finetune", "demo", "--params", tmp_path / "params.yaml")
+    assert done.exit_code == 2, done.output
+    assert "finetune.optim.lrr: no such parameter (a tuned value in" in done.stderr
+    assert "Traceback" not in done.output and not (tmp_path / "outputs/finetune").exists()
 
 
 def test_help_reads_as_text():

@@ -163,10 +163,10 @@ def _dvc(root: Path, *args: str) -> str:
 
 def test_stages_follow_dvc_yaml_and_commands_are_argument_lists():
     tasks = orchestration.project_tasks(REPO)
-    stages = pipeline_stages(tasks)
+    stages = pipeline_stages(REPO, tasks)
     listed = _dvc(REPO, "stage", "list", "--name-only").split()
     assert sorted(stages) == sorted(listed)  # a stage added to dvc.yaml is a stage of the flow
-    assert pipeline_stages(["demo", "cremad"], pretrain=False) == [
+    assert pipeline_stages(REPO, ["demo", "cremad"], pretrain=False) == [
         "download", "crop_faces", "validate", "tune@demo", "finetune@demo", "register@demo",
         "tune@cremad", "finetune@cremad", "register@cremad",
     ]  # fmt: skip
@@ -260,7 +260,7 @@ def test_pipeline_flow_runs_stages_through_dvc_and_summarises(
 
     assert state.is_completed(), state.message
     runs = state.result()
-    assert [r.stage for r in runs] == pipeline_stages(["demo"])
+    assert [r.stage for r in runs] == pipeline_stages(REPO, ["demo"])
     assert [r.stage for r in runs if r.ran] == ["register@demo"]
     decision = json.loads(decision_path.read_text())
     assert decision["model_name"] == "socialmae-demo"

@@ -27,16 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from socialmae.checkpoints import initialize_from, load_checkpoint
+from socialmae.checkpoints import initialize_from, load_checkpoint, read_init_source
 from socialmae.data.dataset import Augment, ClipSampling, ShardDataset, fbank_statistics
 from socialmae.io import atomic_write, atomic_write_csv, atomic_write_text
 from socialmae.lifecycle import die_with_parent
 from socialmae.model import SocialMAEClassifier, get_preset
 from socialmae.model.config import ActivationCheckpointing
 from socialmae.model.social_mae import MODES, Mode
-from socialmae.params import check_device, check_preset, deep_merge, from_mapping
+from socialmae.params import ParamsError, check_device, check_preset, deep_merge, from_mapping
 from socialmae.tasks import TaskSpec, get_task
 from socialmae.tracking import Tracker, ensure_experiment
+from socialmae.tracking import task_name as experiment_name
 from socialmae.train import distributed, metrics
 from socialmae.train.engine import (
     Checkpointer,
@@ -58,11 +59,6 @@ from socialmae.train.engine import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def experiment_name(task: str) -> str:
-    """The MLflow experiment of a task's fine-tuning, tuning and registration runs."""
-    return f"socialmae-{task}"
 
 
 PREDICTIONS = "predictions.parquet"
@@ -145,10 +141,10 @@ def with_overrides(params: FinetuneParams, overrides: Mapping[str, Any]) -> Fine
         *parents, leaf = dotted.split(".")
         for key in parents:
             if not isinstance(node.get(key), dict):
-                raise KeyError(f"finetune.{dotted}: no such parameter")
+                raise ParamsError(f"finetune.{dotted}", "no such parameter")
             node = node[key]
         if leaf not in node:
-            raise KeyError(f"finetune.{dotted}: no such parameter")
+            raise ParamsError(f"finetune.{dotted}", "no such parameter")
         node[leaf] = value
     return from_mapping(FinetuneParams, _lists_to_tuples(values), "finetune")
 
@@ -176,14 +172,13 @@ def build_classifier(
 ) -> SocialMAEClassifier:
     """A ``mode`` classifier for ``task``: the init checkpoint's architecture and
     preprocessing (or the preset's), its encoder weights, and a fresh head."""
-    config = get_preset(params.preset)
-    if params.init:
-        config = load_checkpoint(params.init).config
+    source = read_init_source(params.init) if params.init else None  # read once
+    config = source.config if source is not None else get_preset(params.preset)
     if params.activation_checkpointing is not None:
         config = config.replace(activation_checkpointing=params.activation_checkpointing)
     model = SocialMAEClassifier(config, task.num_outputs, task.kind, task.labels, mode)
-    if params.init:
-        report = initialize_from(model, params.init)
+    if source is not None:
+        report = initialize_from(model, source)
         fresh = [k for k in report.fresh if not k.startswith("mlp_head.")]
         if fresh:
             logger.warning("%d encoder tensors not in %s: %s", len(fresh), params.init, fresh)

@@ -91,11 +91,16 @@ def finetune_params(params: dict[str, Any], task: str, tuned: Path | None) -> Fi
     base = from_mapping(FinetuneParams, section, f"finetune.{task}")
     for mode in base.by_mode:  # a bad per-mode key stops here, before any work
         params_for_mode(base, mode)
+    if base.init is not None and not Path(base.init).exists():
+        raise ParamsError(f"finetune.{task}.init", f"{base.init}: no such file or directory")
     if tuned is None or not tuned.is_file():
         return base
     best = json.loads(tuned.read_text()).get("params", {})
     logger.info("%s: tuned values from %s: %s", task, tuned, best)
-    return with_overrides(base, best)
+    try:
+        return with_overrides(base, best)
+    except ParamsError as exc:
+        raise ParamsError(exc.key, f"{exc.reason} (a tuned value in {tuned})") from exc
 
 
 def check_crop_size(params: dict[str, Any], image_size: int, model: str) -> None:
@@ -183,10 +188,10 @@ def _study(params_path, task: str, shards: Path, validation: Path, workdir: Path
         sample = dimension.choices[0] if sample is None else sample
         try:
             with_overrides(base, {name: sample})
-        except KeyError as exc:
-            raise ParamsError(f"tune.{task}.space.{name}", "not a fine-tuning param") from exc
         except ParamsError as exc:
-            raise ParamsError(f"tune.{task}.space.{name}", exc.reason) from exc
+            unknown = exc.reason == "no such parameter"
+            reason = "not a fine-tuning param" if unknown else exc.reason
+            raise ParamsError(f"tune.{task}.space.{name}", reason) from exc
     uri = resolve_tracking_uri(tracking_uri(params))  # trials nest under the study's run
     metric = primary_metric(spec)
 
