@@ -487,7 +487,7 @@ def reconstruct(
     cannot be loaded.
     """
     from socialmae.checkpoints import CheckpointError, load_checkpoint
-    from socialmae.data.dataset import load_clip
+    from socialmae.data import load_clip
     from socialmae.figures import save_reconstruction_figure
     from socialmae.model import SocialMAE
 

@@ -383,3 +383,21 @@ def test_help_reads_as_text():
     for command in ("predict", "serve", "embed", "register"):
         done = _run(command, "--help")
         assert done.exit_code == 0 and "``" not in done.stdout, command
+
+
+def test_the_command_starts_without_torch_and_public_names_load_on_use():
+    """`socialmae --help` stays fast: the CLI module, the package and the light data modules
+    import no torch, MLflow or Prefect; the public names still resolve when used."""
+    code = (
+        "import sys\n"
+        "import socialmae, socialmae.cli, socialmae.data.layout, socialmae.model\n"
+        "heavy = sorted(m for m in ('torch', 'mlflow', 'prefect', 'pandas') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "from socialmae import SocialMAE, CheckpointError, load_checkpoint\n"
+        "from socialmae.data import load_clip\n"
+        "from socialmae.model import SocialMAEClassifier, MODES\n"
+        "assert 'torch' in sys.modules and SocialMAE.__module__ == 'socialmae.model.social_mae'\n"
+        "assert load_clip.__module__ == 'socialmae.data.dataset' and MODES[0] == 'multimodal'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -139,6 +139,42 @@ def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
+@dataclass
+class OptimizerStep:
+    """The optimizer step pretraining and fine-tuning share: loss scaling and backward, then
+    per step the learning-rate schedule, unscaling and gradient clipping, the (scaled) step
+    and zeroing the gradients."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    optim: OptimParams
+    steps_per_epoch: int
+    total_steps: int
+
+    def backward(
+        self, loss: torch.Tensor, step: int, parts: dict[str, torch.Tensor], micro_steps: int = 1
+    ) -> None:
+        """Stop on a non-finite ``loss`` (scalar); else accumulate its gradients, divided
+        over the ``micro_steps`` of one optimizer step."""
+        check_finite(loss, step, parts)
+        self.scaler.scale(loss / micro_steps if micro_steps > 1 else loss).backward()
+
+    def step(self, step: int) -> float:
+        """Take optimizer step ``step`` (0-based) with the scheduled lr; return that lr."""
+        lr = set_lr(
+            self.optimizer,
+            lr_multiplier(step, self.steps_per_epoch, self.total_steps, self.optim),
+        )
+        if self.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+
 # ----------------------------------------------------------------------------- precision
 
 

@@ -42,6 +42,7 @@ from socialmae.train import distributed, metrics
 from socialmae.train.engine import (
     Checkpointer,
     GlobalBatchSampler,
+    OptimizerStep,
     OptimParams,
     Position,
     Precision,
@@ -49,12 +50,9 @@ from socialmae.train.engine import (
     autocast,
     autocast_dtype,
     build_optimizer,
-    check_finite,
     fingerprint,
     grad_scaler,
-    lr_multiplier,
     param_groups,
-    set_lr,
     test_set_fingerprint,
 )
 
@@ -476,6 +474,7 @@ def _finetune(
     optimizer = build_optimizer(groups, params.optim)
     dtype = autocast_dtype(params.precision, ctx.device)
     scaler = grad_scaler(dtype, ctx.device)
+    stepper = OptimizerStep(model, optimizer, scaler, params.optim, steps_per_epoch, total_steps)
     ignored = ("workers", "device", "cache", "modes", "activation_checkpointing")  # they do not
     # change the trajectory
     resume_key = {k: v for k, v in asdict(params).items() if k not in ignored}
@@ -514,24 +513,14 @@ def _finetune(
             train_set.set_epoch(epoch)
             started, losses = time.perf_counter(), []
             for batch in loader:
-                lr = set_lr(
-                    optimizer,
-                    lr_multiplier(position.step, steps_per_epoch, total_steps, params.optim),
-                )
                 audio = batch["audio"].to(ctx.device, non_blocking=True)
                 video = batch["video"].to(ctx.device, non_blocking=True)
                 target = batch["target"].to(ctx.device, non_blocking=True)
                 with autocast(dtype, ctx.device):
                     outputs = net(audio, video, mode)
                     loss = loss_fn(task, outputs, target, params.label_smoothing)
-                check_finite(loss, position.step, {"loss": loss.detach()})
-                scaler.scale(loss).backward()
-                if params.optim.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), params.optim.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                stepper.backward(loss, position.step, {"loss": loss.detach()})
+                lr = stepper.step(position.step)
                 position = Position(position.step + 1, epoch, 0)
                 losses.append(float(loss.detach()))
             train_loss = distributed.all_reduce_mean([float(np.mean(losses))], ctx)[0]

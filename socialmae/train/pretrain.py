@@ -35,19 +35,17 @@ from socialmae.train import distributed
 from socialmae.train.engine import (
     Checkpointer,
     GlobalBatchSampler,
+    OptimizerStep,
     OptimParams,
     Position,
     Precision,
     autocast,
     autocast_dtype,
     build_optimizer,
-    check_finite,
     fingerprint,
     grad_scaler,
-    lr_multiplier,
     param_groups,
     sample_generators,
-    set_lr,
 )
 
 logger = logging.getLogger(__name__)
@@ -213,6 +211,7 @@ def _pretrain(
     optimizer = build_optimizer(groups, params.optim)
     dtype = autocast_dtype(params.precision, ctx.device)
     scaler = grad_scaler(dtype, ctx.device)
+    stepper = OptimizerStep(model, optimizer, scaler, params.optim, steps_per_epoch, total_steps)
     checkpointer = Checkpointer(
         out / "checkpoints",
         _resume_fingerprint(params, len(dataset), ctx.world_size),
@@ -281,24 +280,14 @@ def _pretrain(
                         params.loss, params.audio_mask_mode, generator=gens, gather=gather,
                     )  # fmt: skip
                     parts = {k: getattr(result, k).detach().float() for k in LOSS_KEYS}
-                    check_finite(result.loss, position.step, parts)
-                    scaler.scale(result.loss / params.accumulation).backward()
+                    stepper.backward(result.loss, position.step, parts, params.accumulation)
                 interval.add({k: float(v) for k, v in parts.items()}, global_batch)
                 micro += 1
                 batch_index += 1
                 if not last_micro:
                     continue
                 micro = 0
-                lr = set_lr(
-                    optimizer,
-                    lr_multiplier(position.step, steps_per_epoch, total_steps, params.optim),
-                )
-                if params.optim.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), params.optim.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                lr = stepper.step(position.step)
                 position = Position(position.step + 1, epoch, batch_index)
                 if position.step % params.log_every == 0 or position.step == total_steps:
                     means = dict(
