@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from socialmae.data.stages import stage_crop_faces, stage_download, stage_validate
 from socialmae.params import deep_merge, from_mapping, load_yaml
-from socialmae.pipeline import stage_crop_faces, stage_download, stage_validate
 from socialmae.tasks import get_task
 from socialmae.train import metrics
 from socialmae.train.finetune import finetune_modes, mode_dir, read_predictions, with_overrides

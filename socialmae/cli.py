@@ -74,7 +74,7 @@ def _task(name: str) -> str:
 @app.command()
 def download(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
     """Stage `download`: raw clips + manifest per dataset under data/raw/."""
-    from socialmae.pipeline import stage_download
+    from socialmae.data.stages import stage_download
 
     _stage(stage_download, params)
 
@@ -82,7 +82,7 @@ def download(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> N
 @app.command("crop-faces")
 def crop_faces_command(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
     """Stage `crop_faces`: face crops and audio into shards under data/interim/faces/."""
-    from socialmae.pipeline import stage_crop_faces
+    from socialmae.data.stages import stage_crop_faces
 
     _stage(stage_crop_faces, params)
 
@@ -90,8 +90,8 @@ def crop_faces_command(params: Annotated[Path, typer.Option()] = Path("params.ya
 @app.command()
 def validate(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
     """Stage `validate`: Great Expectations checks, quarantine list, Data Docs."""
+    from socialmae.data.stages import stage_validate
     from socialmae.data.validate import ValidationFailed
-    from socialmae.pipeline import stage_validate
 
     try:
         _stage(stage_validate, params)

@@ -9,9 +9,9 @@ from media import CODECS, write_clip
 
 from socialmae.data.decode import decode_audio, iter_frames, probe
 from socialmae.data.errors import MediaError
+from socialmae.data.face_tracks import smooth_square_boxes, square_crop, track_main_face
 from socialmae.data.features import fbank, frames_to_video, rms_db
 from socialmae.data.shards import ShardReader, ShardSample, encode_jpeg, write_shard
-from socialmae.data.tracking import smooth_square_boxes, square_crop, track_main_face
 
 
 @pytest.mark.parametrize("suffix", sorted(CODECS))

@@ -19,8 +19,8 @@ from media import write_clip
 from test_download import serve_files
 
 from socialmae.data.manifest import read_manifest
+from socialmae.data.stages import stage_crop_faces, stage_download, stage_validate
 from socialmae.params import ParamsError
-from socialmae.pipeline import stage_crop_faces, stage_download, stage_validate
 from socialmae.tasks import TRAITS
 
 

@@ -12,8 +12,8 @@ import yaml
 
 from socialmae.cli import app
 from socialmae.data.sources.catalog import parse_download
+from socialmae.data.stages import DataParams
 from socialmae.params import from_mapping
-from socialmae.pipeline import DataParams
 from socialmae.train.pretrain import PretrainParams
 from socialmae.train.stages import finetune_params, merged_section
 from socialmae.train.tune import parse_tune

@@ -30,10 +30,10 @@ from rich.progress import Progress
 from socialmae.data.clips import CLIP_COLUMNS, CLIPS_TABLE, ClipRecord
 from socialmae.data.decode import SAMPLE_RATE, decode_audio, iter_frames, probe
 from socialmae.data.errors import MediaError
+from socialmae.data.face_tracks import smooth_square_boxes, square_crop, track_main_face
 from socialmae.data.faces import Backbone
 from socialmae.data.features import rms_db
 from socialmae.data.shards import ShardSample, encode_jpeg, write_shard
-from socialmae.data.tracking import smooth_square_boxes, square_crop, track_main_face
 from socialmae.io import atomic_write, atomic_write_text
 from socialmae.lifecycle import die_with_parent
 from socialmae.params import check_device
