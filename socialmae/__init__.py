@@ -6,8 +6,9 @@ command start without importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from socialmae.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -41,12 +42,7 @@ if TYPE_CHECKING:
     from socialmae.model.social_mae import SocialMAE, SocialMAEClassifier
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:

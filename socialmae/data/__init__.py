@@ -6,8 +6,9 @@ so importing a light submodule does not import the loader's torch stack.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from socialmae.lazy import lazy_attributes
 
 _LAZY = {  # public name -> module that defines it
     "ClipInputs": "socialmae.data.dataset",
@@ -20,9 +21,4 @@ if TYPE_CHECKING:
     from socialmae.data.dataset import ClipInputs, load_clip
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -5,9 +5,9 @@ The configuration is light and imported at once; the torch modules load on first
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from socialmae.lazy import lazy_attributes
 from socialmae.model.config import MODES, PRESETS, Mode, SocialMAEConfig, get_preset
 
 _LAZY = {  # torch-backed name -> module that defines it
@@ -44,9 +44,4 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
