@@ -15,7 +15,6 @@ Every other tensor keeps its name and shape.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -24,19 +23,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from socialmae.io import atomic_directory
 from socialmae.model.config import SocialMAEConfig, get_preset
 from socialmae.model.layers import reference_video_token_index, sincos_1d
-from socialmae.model.social_mae import SocialMAE, SocialMAEClassifier, SocialMAEEncoder, Task
+from socialmae.model.pretrained import read_pretrained
+from socialmae.model.social_mae import (
+    SocialMAE,
+    SocialMAEClassifier,
+    SocialMAEEncoder,
+    Task,
+    build_from_meta,
+)
 from socialmae.state_dicts import (  # re-exported: the checkpoint API raises and returns these
     CheckpointError as CheckpointError,
 )
 from socialmae.state_dicts import (
     StateDict as StateDict,
 )
+from socialmae.state_dicts import load_strict
 from socialmae.state_dicts import (
     read_state_dict as read_state_dict,
 )
@@ -46,9 +50,6 @@ from socialmae.state_dicts import (
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-FORMAT_VERSION = 1
 Family = Literal["social-mae", "cav-mae"]
 
 _VIDEO_POSITIONS = ("pos_embed_v", "decoder_pos_embed_v")
@@ -193,13 +194,6 @@ def native_to_official(model: SocialMAEEncoder) -> StateDict:
     return sd
 
 
-def _check_and_load(model: torch.nn.Module, sd: StateDict, path: str | os.PathLike[str]) -> None:
-    problems = state_dict_mismatches(model, sd)
-    if problems:
-        raise CheckpointError(path, "does not match the model: " + "; ".join(problems))
-    model.load_state_dict(sd, strict=True)
-
-
 def build_official(
     ckpt: OfficialCheckpoint,
     task: Task = "classification",
@@ -213,7 +207,7 @@ def build_official(
     else:
         assert ckpt.num_outputs is not None
         model = SocialMAEClassifier(ckpt.config, ckpt.num_outputs, task, labels)
-    _check_and_load(model, official_to_native(ckpt.state_dict, ckpt.config, path), path)
+    load_strict(model, official_to_native(ckpt.state_dict, ckpt.config, path), path)
     return model
 
 
@@ -221,58 +215,13 @@ def build_official(
 
 
 def save_pretrained(model: SocialMAEEncoder, directory: str | os.PathLike[str]) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` into ``directory``, replacing it atomically."""
-
-    def write(tmp: Path) -> None:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "socialmae"})
-        meta = {"format_version": FORMAT_VERSION, **model.architecture(),
-                "config": model.config.to_dict()}  # fmt: skip
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-
-    return atomic_directory(directory, write)
-
-
-def _read_pretrained(directory: Path) -> tuple[dict[str, Any], StateDict]:
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for p in (config_path, weights_path):
-        if not p.is_file():
-            raise CheckpointError(directory, f"missing {p.name}")
-    try:
-        meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(config_path, f"invalid JSON ({exc})") from exc
-    try:
-        sd = load_file(str(weights_path))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(weights_path, f"unreadable safetensors file ({exc})") from exc
-    return meta, sd
-
-
-def _build_native(meta: dict[str, Any], path: Path) -> SocialMAE | SocialMAEClassifier:
-    try:
-        config = SocialMAEConfig.from_dict(meta["config"])
-        arch = meta["architecture"]
-        if arch == "SocialMAE":
-            return SocialMAE(config)
-        if arch == "SocialMAEClassifier":
-            labels = meta.get("labels")
-            return SocialMAEClassifier(
-                config, int(meta["num_outputs"]), meta.get("task", "classification"),
-                tuple(labels) if labels is not None else None, meta.get("mode", "multimodal"),
-            )  # fmt: skip
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(path, f"invalid {CONFIG_NAME} ({exc})") from exc
-    raise CheckpointError(path, f"unknown architecture {arch!r}")
+    """Write ``model`` as a saved directory (see :meth:`SocialMAEEncoder.save_pretrained`)."""
+    return model.save_pretrained(directory)
 
 
 def load_pretrained(directory: str | os.PathLike[str]) -> SocialMAE | SocialMAEClassifier:
-    """Load a directory written by :func:`save_pretrained`; strict; eval mode."""
-    directory = Path(directory)
-    meta, sd = _read_pretrained(directory)
-    model = _build_native(meta, directory)
-    _check_and_load(model, sd, directory / WEIGHTS_NAME)
-    return model.eval()
+    """Load a saved directory whatever model it holds; strict; eval mode."""
+    return SocialMAEEncoder.from_pretrained(directory)  # type: ignore[return-value]
 
 
 def load_checkpoint(
@@ -314,8 +263,8 @@ def read_init_source(path: str | os.PathLike[str]) -> InitSource:
     """Read a saved directory or an official ``.pth`` for :func:`initialize_from`."""
     path = Path(path)
     if path.is_dir():
-        meta, sd = _read_pretrained(path)
-        return InitSource(path, _build_native(meta, path).config, sd)
+        meta, sd = read_pretrained(path)
+        return InitSource(path, build_from_meta(meta, path).config, sd)
     ckpt = read_official(path)
     return InitSource(path, ckpt.config, official_to_native(ckpt.state_dict, ckpt.config, path))
 

@@ -91,3 +91,12 @@ def state_dict_mismatches(
                 f"{key}: {source} {list(sd[key].shape)} vs model {list(expected[key].shape)}"
             )
     return problems
+
+
+def load_strict(model: torch.nn.Module, sd: StateDict, path: str | os.PathLike[str]) -> None:
+    """Load ``sd`` into ``model`` strictly, or raise :class:`CheckpointError` listing every
+    missing, unexpected and wrongly shaped tensor."""
+    problems = state_dict_mismatches(model, sd)
+    if problems:
+        raise CheckpointError(path, "does not match the model: " + "; ".join(problems))
+    model.load_state_dict(sd, strict=True)

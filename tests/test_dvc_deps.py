@@ -179,3 +179,40 @@ def test_the_check_finds_what_a_stage_runs():
     download = stage_files("download")
     assert not any(p.startswith("socialmae/train/") for p in download)
     assert "socialmae/checkpoints.py" not in download
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every socialmae module -> the socialmae modules it imports anywhere in its body."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found |= {module for module, _ in _imports(node, package)}
+        graph[name] = found - {name}
+    return graph
+
+
+def test_no_import_cycles():
+    """No module imports, even inside a function, a module that imports it back (the model
+    owns save/load; the .pth conversion imports the model, never the reverse)."""
+    graph = _import_graph()
+    assert "socialmae.checkpoints" in graph["socialmae.train.finetune"]  # the graph is real
+    state: dict[str, str] = {}  # visiting | done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "visiting"
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "visiting":
+                cycle = [*path[path.index(target) :], target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])

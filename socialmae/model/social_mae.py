@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Self
 
 import torch
@@ -41,6 +42,8 @@ from socialmae.model.masking import (
     structured_audio_masking,
     unshuffle,
 )
+from socialmae.model.pretrained import CONFIG_NAME, WEIGHTS_NAME, read_pretrained, write_pretrained
+from socialmae.state_dicts import CheckpointError, load_strict
 
 Task = Literal["classification", "regression"]
 
@@ -147,21 +150,25 @@ class SocialMAEEncoder(nn.Module):
             if hasattr(module, "use_sdpa"):
                 module.use_sdpa = enabled
 
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``model.safetensors`` and ``config.json`` to ``directory`` (atomically)."""
-        from socialmae.checkpoints import save_pretrained
-
-        save_pretrained(self, directory)
+        return write_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str]) -> Self:
-        """Load a directory written by :meth:`save_pretrained`."""
-        from socialmae.checkpoints import load_pretrained
+        """Load a directory written by :meth:`save_pretrained` (strict, eval mode); called
+        on :class:`SocialMAEEncoder` it returns whichever model the directory holds.
 
-        model = load_pretrained(directory)
+        Raises:
+            CheckpointError: missing or unreadable files, or weights that do not fit.
+            TypeError: the directory holds another model than ``cls``.
+        """
+        meta, sd = read_pretrained(directory)
+        model = build_from_meta(meta, directory)
         if not isinstance(model, cls):
             raise TypeError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
+        load_strict(model, sd, Path(directory) / WEIGHTS_NAME)
+        return model.eval()
 
     def architecture(self) -> dict[str, Any]:
         """What ``config.json`` records besides the model config."""
@@ -536,3 +543,23 @@ def _init_module(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def build_from_meta(
+    meta: dict[str, Any], path: str | os.PathLike[str]
+) -> SocialMAE | SocialMAEClassifier:
+    """The (untrained) model a saved directory's ``config.json`` describes."""
+    try:
+        config = SocialMAEConfig.from_dict(meta["config"])
+        arch = meta["architecture"]
+        if arch == "SocialMAE":
+            return SocialMAE(config)
+        if arch == "SocialMAEClassifier":
+            labels = meta.get("labels")
+            return SocialMAEClassifier(
+                config, int(meta["num_outputs"]), meta.get("task", "classification"),
+                tuple(labels) if labels is not None else None, meta.get("mode", "multimodal"),
+            )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"invalid {CONFIG_NAME} ({exc})") from exc
+    raise CheckpointError(path, f"unknown architecture {arch!r}")
