@@ -22,6 +22,7 @@ from socialmae.train.finetune import (
     finetune_modes,
     params_for_mode,
     read_predictions,
+    step_mode,
     with_overrides,
 )
 
@@ -219,3 +220,20 @@ def test_per_mode_changes_and_early_stopping(demo_shards, pretrained, tmp_path):
     result = finetune(frozen, "demo", demo_shards, tmp_path / "stopped")
     history = pd.read_csv(tmp_path / "stopped" / "history.csv")
     assert result["best_epoch"] == 0 and history["epoch"].tolist() == [0, 1, 2]
+
+
+def test_modality_dropout_trains_some_steps_on_one_stream():
+    """A share p of a multimodal model's steps see one stream (half audio, half video),
+    the same steps on every rank and rerun; other modes are never changed."""
+    params = from_mapping(FinetuneParams, {"modality_dropout": 0.4, "seed": 1}, "finetune")
+    steps = [step_mode(params, "multimodal", step) for step in range(4000)]
+    assert steps == [step_mode(params, "multimodal", step) for step in range(4000)]
+    share = {mode: steps.count(mode) / len(steps) for mode in ("multimodal", "audio", "video")}
+    assert share["multimodal"] == pytest.approx(0.6, abs=0.03)
+    assert share["audio"] == pytest.approx(0.2, abs=0.03)
+    assert share["video"] == pytest.approx(0.2, abs=0.03)
+    assert {step_mode(params, "audio", s) for s in range(100)} == {"audio"}
+    off = from_mapping(FinetuneParams, {}, "finetune")
+    assert {step_mode(off, "multimodal", s) for s in range(100)} == {"multimodal"}
+    with pytest.raises(ParamsError, match="modality_dropout"):
+        from_mapping(FinetuneParams, {"modality_dropout": 1.0}, "finetune")

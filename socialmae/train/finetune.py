@@ -84,6 +84,8 @@ class FinetuneParams:
     layer_decay: float | None = None  # e.g. 0.75: lr x decay^(depth from the top)
     freeze_encoder: bool = False  # linear probe: only the head trains
     label_smoothing: float = 0.0  # classification
+    modality_dropout: float = 0.0  # multimodal mode: the share of steps trained on one stream
+    # alone (half audio, half video), so that neither stream can lean on the other
     eval_every: int = 1  # epochs between validations (and checkpoints); the last is always scored
     patience: int | None = None  # stop after this many epochs without a better validation score
     augment: Augment = field(default_factory=Augment)
@@ -124,6 +126,8 @@ class FinetuneParams:
             raise ValueError(f"head_lr must be positive, got {self.head_lr}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not 0 <= self.modality_dropout < 1:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         check_preset(self.preset)
@@ -185,6 +189,18 @@ def build_classifier(
             if not name.startswith("mlp_head."):
                 param.requires_grad_(False)
     return model
+
+
+def step_mode(params: FinetuneParams, mode: Mode, step: int) -> Mode:
+    """The streams optimizer step ``step`` trains on: ``mode``, except that a multimodal model
+    with ``modality_dropout`` p trains a share p/2 of its steps on the audio alone and p/2 on
+    the video alone (the same on every rank and on a resumed run: seeded by step)."""
+    if mode != "multimodal" or params.modality_dropout == 0:
+        return mode
+    draw = float(np.random.default_rng([params.seed, step]).random())
+    if draw >= params.modality_dropout:
+        return mode
+    return "audio" if draw < params.modality_dropout / 2 else "video"
 
 
 def loss_fn(task: TaskSpec, outputs: torch.Tensor, target: torch.Tensor, smoothing: float):
@@ -493,7 +509,8 @@ def _finetune(
     net: torch.nn.Module = model
     if ctx.distributed:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=device_ids)
+        dropout = mode == "multimodal" and params.modality_dropout > 0  # steps on one stream
+        net = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=dropout)
     primary = metrics.primary_metric(task)
     experiment = experiment_name(task.name)
     tracker = Tracker(enabled=ctx.is_main)
@@ -517,7 +534,7 @@ def _finetune(
                 video = batch["video"].to(ctx.device, non_blocking=True)
                 target = batch["target"].to(ctx.device, non_blocking=True)
                 with autocast(dtype, ctx.device):
-                    outputs = net(audio, video, mode)
+                    outputs = net(audio, video, step_mode(params, mode, position.step))
                     loss = loss_fn(task, outputs, target, params.label_smoothing)
                 stepper.backward(loss, position.step, {"loss": loss.detach()})
                 lr = stepper.step(position.step)

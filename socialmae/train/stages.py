@@ -91,8 +91,6 @@ def finetune_params(params: dict[str, Any], task: str, tuned: Path | None) -> Fi
     base = from_mapping(FinetuneParams, section, f"finetune.{task}")
     for mode in base.by_mode:  # a bad per-mode key stops here, before any work
         params_for_mode(base, mode)
-    if base.init is not None and not Path(base.init).exists():
-        raise ParamsError(f"finetune.{task}.init", f"{base.init}: no such file or directory")
     if tuned is None or not tuned.is_file():
         return base
     best = json.loads(tuned.read_text()).get("params", {})
@@ -101,6 +99,12 @@ def finetune_params(params: dict[str, Any], task: str, tuned: Path | None) -> Fi
         return with_overrides(base, best)
     except ParamsError as exc:
         raise ParamsError(exc.key, f"{exc.reason} (a tuned value in {tuned})") from exc
+
+
+def check_init(settings: FinetuneParams, task: str) -> None:
+    """Stop before any work when ``finetune.<task>.init`` names nothing on disk."""
+    if settings.init is not None and not Path(settings.init).exists():
+        raise ParamsError(f"finetune.{task}.init", f"{settings.init}: no such file or directory")
 
 
 def check_crop_size(params: dict[str, Any], image_size: int, model: str) -> None:
@@ -144,6 +148,7 @@ def stage_finetune(
     params = load_params(params_path)
     tuned = tuned if tuned is not None else TUNE / task / BEST_PARAMS
     settings = finetune_params(params, task, tuned)
+    check_init(settings, task)
     out = out if out is not None else FINETUNE / task
     effective = {"params": asdict(settings),
                  **{f"params_{mode}": asdict(params_for_mode(settings, mode))
@@ -183,6 +188,7 @@ def _study(params_path, task: str, shards: Path, validation: Path, workdir: Path
         raise ParamsError(f"tune.{task}.enabled", f"expected true or false, got {enabled!r}")
     settings, space = parse_tune(section, f"tune.{task}")
     base = finetune_params(params, task, tuned=None)
+    check_init(base, task)
     for name, dimension in space.dimensions:  # a misspelt key stops here, not after 2 trials
         sample = getattr(dimension, "low", None)
         sample = dimension.choices[0] if sample is None else sample
