@@ -33,9 +33,10 @@ from rich.console import Console
 from rich.progress import Progress
 
 from socialmae.checkpoints import CheckpointError, load_checkpoint
-from socialmae.data.crop import CropParams
+from socialmae.data.crop import CropParams, build_detector
 from socialmae.data.dataset import ClipSampling, load_clip
 from socialmae.data.errors import MediaError
+from socialmae.data.faces import FaceDetector
 from socialmae.io import atomic_write_text
 from socialmae.model.config import SocialMAEConfig
 from socialmae.model.social_mae import MODES, Mode, SocialMAEClassifier, Task
@@ -154,6 +155,15 @@ class Predictor:
             crop=CropParams(workers=1, device=str(self.device)),
             sampling=ClipSampling(),
         )
+        self._detector: FaceDetector | None = None
+
+    @property
+    def detector(self) -> FaceDetector:
+        """This predictor's face detector, built on first use from its crop settings (its
+        weights, threshold and device; never shared with another predictor)."""
+        if self._detector is None:
+            self._detector = build_detector(self.preprocessing.crop)
+        return self._detector
 
     @classmethod
     def load(
@@ -241,8 +251,10 @@ class Predictor:
                 rows, clips = [], []
                 for i in range(start, min(start + batch_size, len(paths))):
                     try:
-                        clips.append(load_clip(paths[i], pre.config, pre.crop, pre.sampling,
-                                               need=NEEDS[mode]))  # fmt: skip
+                        clips.append(load_clip(
+                            paths[i], pre.config, pre.crop, pre.sampling, need=NEEDS[mode],
+                            detector=self.detector if NEEDS[mode] != "audio" else None,
+                        ))  # fmt: skip
                         rows.append(i)
                     except MediaError as exc:
                         errors[i] = exc.reason

@@ -13,8 +13,9 @@ import pytest
 import torch
 from media import write_clip
 
+from socialmae.data import crop as crop_stage
 from socialmae.data.clips import CLIPS_TABLE
-from socialmae.data.crop import CropParams, crop_faces
+from socialmae.data.crop import CropParams, crop_faces, process_clip
 from socialmae.data.dataset import Augment, ClipSampling, ShardDataset, load_clip
 from socialmae.data.errors import MediaError
 from socialmae.data.manifest import ManifestRow, read_manifest, write_manifest
@@ -180,6 +181,30 @@ def test_load_clip_matches_the_shards(cropped):
     with pytest.raises(MediaError, match="no face detected") as info:
         load_clip(root / "raw" / "clips" / "no-face.mp4", config, PARAMS)
     assert "no-face.mp4" in str(info.value)
+
+
+class _BrokenDetector:
+    """A detector that fails as a bug or an exhausted device would (not a media problem)."""
+
+    def detect(self, images):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+
+def test_inference_raises_what_the_stage_quarantines(cropped, monkeypatch):
+    """One clip path for both: the stage turns any failure into a quarantined record and
+    goes on; inference (load_clip) lets a non-media error propagate instead of reporting it
+    as a bad file."""
+    root, _, _, _ = cropped
+    path = root / "raw" / "clips" / "good.mp4"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        load_clip(path, get_preset("tiny"), PARAMS, detector=_BrokenDetector())
+    monkeypatch.setattr(crop_stage, "_DETECTOR", _BrokenDetector())
+    row = {"clip_id": "good.mp4", "dataset": "d", "speaker": "s", "split": "train",
+           "label": "anger", "targets": [], "abs_path": str(path)}  # fmt: skip
+    record, sample = process_clip(row, PARAMS)
+    assert sample is None and record.status == "quarantined"
+    assert record.reason.startswith("unexpected failure: RuntimeError: CUDA out of memory")
+    assert record.width > 0 and record.fps > 0  # what the file is, even when quarantined
 
 
 def test_metadata_records_times_and_boxes(cropped):

@@ -210,3 +210,12 @@ def test_cuda_matches_cpu(classifier_dir, media):
     gpu = Predictor.load(classifier_dir, device="cuda").predict([media["face"]])[0]
     for name in EMOTIONS:
         assert gpu.scores[name] == pytest.approx(cpu.scores[name], abs=1e-3)
+
+
+def test_each_predictor_owns_its_detector(classifier_dir):
+    """Two predictors with other detector settings do not share (or inherit) a detector."""
+    strict = Predictor.load(classifier_dir, crop=CropParams(workers=1, detector_confidence=0.9))
+    loose = Predictor.load(classifier_dir, crop=CropParams(workers=1, detector_confidence=0.3))
+    assert strict.detector is strict.detector  # built once per predictor
+    assert strict.detector is not loose.detector
+    assert (strict.detector.confidence, loose.detector.confidence) == (0.9, 0.3)

@@ -28,10 +28,10 @@ import torch
 from rich.progress import Progress
 
 from socialmae.data.clips import CLIP_COLUMNS, CLIPS_TABLE, ClipRecord
-from socialmae.data.decode import SAMPLE_RATE, decode_audio, iter_frames, probe
+from socialmae.data.decode import SAMPLE_RATE, MediaInfo, decode_audio, iter_frames, probe
 from socialmae.data.errors import MediaError
 from socialmae.data.face_tracks import smooth_square_boxes, square_crop, track_main_face
-from socialmae.data.faces import Backbone
+from socialmae.data.faces import Backbone, FaceDetector
 from socialmae.data.features import rms_db
 from socialmae.data.shards import ShardSample, encode_jpeg, write_shard
 from socialmae.io import atomic_write, atomic_write_text
@@ -86,23 +86,103 @@ class CropParams:
 
 # --------------------------------------------------------------------------- one clip
 
-_DETECTOR: Any = None
+
+def build_detector(params: CropParams) -> FaceDetector:
+    """A RetinaFace detector with the crop settings' weights, size, threshold and device."""
+    return FaceDetector(
+        weights=params.detector_weights,
+        backbone=params.detector_backbone,  # type: ignore[arg-type]
+        max_size=params.detector_max_size,
+        confidence=params.detector_confidence,
+        device=params.device,
+    )
 
 
-def _detector(params: CropParams) -> Any:
-    """The face detector of this process, built once."""
-    global _DETECTOR
-    if _DETECTOR is None:
-        from socialmae.data.faces import FaceDetector
+@dataclass
+class FaceTrack:
+    """One media file as the model sees it: its main face cropped over time, and its voice."""
 
-        _DETECTOR = FaceDetector(
-            weights=params.detector_weights,
-            backbone=params.detector_backbone,  # type: ignore[arg-type]
-            max_size=params.detector_max_size,
-            confidence=params.detector_confidence,
-            device=params.device,
-        )
-    return _DETECTOR
+    info: MediaInfo  # the container's facts (fps, size, audio format)
+    times: list[float]  # [N] seconds of the sampled frames
+    squares: np.ndarray  # [N, 3] smoothed square boxes (x, y, side) in decoded-frame pixels
+    scale: float  # source pixels per decoded-frame pixel (frames are decoded at <= max_side)
+    detected: np.ndarray  # [N] bool: the main face was detected in that frame
+    crops: list[bytes]  # [N] JPEG crops, image_size x image_size (what the shards store)
+    audio: np.ndarray  # [samples] float32 16 kHz mono, cut to ``duration``
+    duration: float  # seconds usable from both streams
+    faces_max: int  # most faces seen in one frame
+    frame_rate: float  # frames sampled per second
+
+    def meta(self, **fields: Any) -> dict[str, Any]:
+        """The shard sample's metadata: ``fields`` (clip id, dataset, split, label, targets)
+        then times, boxes (source pixels), detections, duration and frame rate."""
+        return {
+            **fields,
+            "times": [round(t, 4) for t in self.times],
+            "boxes": np.round(self.squares * self.scale, 1).tolist(),
+            "detected": self.detected.tolist(),
+            "duration": self.duration,
+            "frame_rate": self.frame_rate,
+        }
+
+
+def face_track(
+    path: str | os.PathLike[str],
+    params: CropParams,
+    detector: FaceDetector,
+    need_audio: bool = True,
+) -> FaceTrack:
+    """Decode ``path`` once (frames at ``params.frame_rate``, the audio), detect faces in
+    batches, track the main face, smooth its box and crop it.
+
+    Without ``need_audio`` (a caller that uses the face alone) a file without audio gets
+    silence. Raises :class:`MediaError` naming the file and the reason it cannot be used;
+    any other exception is a bug and propagates.
+    """
+    path = str(path)
+    info = probe(path)
+    if not info.has_video:
+        raise MediaError(path, "no video stream")
+    if not info.has_audio and need_audio:
+        raise MediaError(path, "no audio stream")
+    audio = decode_audio(path, SAMPLE_RATE, params.max_seconds) if info.has_audio else None
+
+    times: list[float] = []
+    images: list[np.ndarray] = []  # small: frame_rate x max_seconds frames of <= max_side
+    detections: list[list[Any]] = []
+    frames = iter_frames(path, params.frame_rate, params.max_side, params.max_seconds)
+    for batch in _batches(frames, params.detector_batch):
+        batch_images = [image for _, image in batch]
+        detections.extend(detector.detect(batch_images))
+        times.extend(t for t, _ in batch)
+        images.extend(batch_images)
+    frame_size = (images[-1].shape[1], images[-1].shape[0]) if images else (0, 0)
+
+    video_seconds = times[-1] + 1.0 / params.frame_rate
+    if audio is None:  # a silent file, allowed when the caller does not need the voice
+        audio = np.zeros(round(video_seconds * SAMPLE_RATE), dtype=np.float32)
+    duration = round(min(video_seconds, audio.size / SAMPLE_RATE), 3)
+    if duration < params.min_duration:
+        reason = f"too short: {duration:.2f} s < {params.min_duration} s"
+        raise MediaError(path, reason, duration=duration)
+    boxes, detected = track_main_face(detections, frame_size)
+    faces_max = max(len(faces) for faces in detections)
+    if not detected.any():
+        raise MediaError(
+            path, f"no face detected in {len(detections)} sampled frames", duration=duration,
+            faces_max=faces_max, detection_rate=round(float(detected.mean()), 4),
+        )  # fmt: skip
+    squares = smooth_square_boxes(boxes, detected, params.smooth_window)  # [N, 3]
+    crops = [
+        encode_jpeg(square_crop(image, box, params.margin, params.image_size), params.jpeg_quality)
+        for image, box in zip(images, squares, strict=True)
+    ]
+    return FaceTrack(
+        info=info, times=times, squares=squares,
+        scale=info.width / frame_size[0] if frame_size[0] else 1.0, detected=detected,
+        crops=crops, audio=audio[: round(duration * SAMPLE_RATE)], duration=duration,
+        faces_max=faces_max, frame_rate=params.frame_rate,
+    )  # fmt: skip
 
 
 def _batches(
@@ -118,14 +198,23 @@ def _batches(
         yield batch
 
 
-def process_clip(
-    row: dict[str, Any], params: CropParams, need_audio: bool = True
-) -> tuple[ClipRecord, ShardSample | None]:
-    """Decode, detect, track and crop one manifest row.
+_DETECTOR: FaceDetector | None = None  # the stage's worker processes build theirs once
 
-    Returns the clip's record and its shard sample, or ``(record, None)`` with
-    ``status="quarantined"`` and the reason when the clip cannot be used. Without
-    ``need_audio`` (inference from the face alone) a file without audio gets silence.
+
+def _stage_detector(params: CropParams) -> FaceDetector:
+    global _DETECTOR
+    if _DETECTOR is None:
+        _DETECTOR = build_detector(params)
+    return _DETECTOR
+
+
+def process_clip(row: dict[str, Any], params: CropParams) -> tuple[ClipRecord, ShardSample | None]:
+    """The crop stage's work on one manifest row: :func:`face_track`, then the clip table
+    record and the shard sample.
+
+    Returns ``(record, sample)``, or ``(record, None)`` with ``status="quarantined"`` and the
+    reason when the clip cannot be used: any failure, even an unexpected one, quarantines the
+    clip and the stage goes on.
     """
     record = ClipRecord(
         clip_id=str(row["clip_id"]),
@@ -138,76 +227,43 @@ def process_clip(
         status="quarantined",
     )
     try:
-        return _process(record, params, need_audio)
+        track = face_track(record.path, params, _stage_detector(params))
     except MediaError as exc:
+        _describe_media(record)
+        for name, value in exc.facts.items():
+            setattr(record, name, value)
         record.reason = exc.reason
+        return record, None
     except Exception as exc:  # a clip must never take the stage down
         logger.exception("%s: unexpected failure", record.path)
+        _describe_media(record)
         record.reason = f"unexpected failure: {type(exc).__name__}: {exc}"
-    return record, None
-
-
-def _process(
-    record: ClipRecord, params: CropParams, need_audio: bool = True
-) -> tuple[ClipRecord, ShardSample | None]:
-    path = record.path
-    info = probe(path)
+        return record, None
+    info = track.info
     record.fps, record.width, record.height = info.fps, info.width, info.height
     record.sample_rate, record.channels = info.sample_rate, info.channels
-    if not info.has_video:
-        raise MediaError(path, "no video stream")
-    if not info.has_audio and need_audio:
-        raise MediaError(path, "no audio stream")
-    audio = decode_audio(path, SAMPLE_RATE, params.max_seconds) if info.has_audio else None
-
-    detector = _detector(params)
-    times: list[float] = []
-    detections: list[list[Any]] = []
-    frame_size = (0, 0)
-    frames = iter_frames(path, params.frame_rate, params.max_side, params.max_seconds)
-    for batch in _batches(frames, params.detector_batch):
-        images = [image for _, image in batch]
-        frame_size = (images[0].shape[1], images[0].shape[0])
-        detections.extend(detector.detect(images))
-        times.extend(t for t, _ in batch)
-
-    video_seconds = times[-1] + 1.0 / params.frame_rate
-    if audio is None:  # a silent file, allowed when the caller does not need the voice
-        audio = np.zeros(round(video_seconds * SAMPLE_RATE), dtype=np.float32)
-    record.duration = round(min(video_seconds, audio.size / SAMPLE_RATE), 3)
-    if record.duration < params.min_duration:
-        raise MediaError(path, f"too short: {record.duration:.2f} s < {params.min_duration} s")
-    record.faces_max = max(len(faces) for faces in detections)
-    boxes, detected = track_main_face(detections, frame_size)
-    record.detection_rate = round(float(detected.mean()), 4)
-    if not detected.any():
-        raise MediaError(path, f"no face detected in {len(detections)} sampled frames")
-    squares = smooth_square_boxes(boxes, detected, params.smooth_window)  # [N, 3]
-    scale = info.width / frame_size[0] if frame_size[0] else 1.0
-    record.box_size = round(float(np.median(squares[:, 2])) * scale, 1)
-
-    crops = []
-    again = iter_frames(path, params.frame_rate, params.max_side, params.max_seconds)
-    for (_, image), box in zip(again, squares, strict=False):
-        crops.append(encode_jpeg(square_crop(image, box, params.margin, params.image_size),
-                                 params.jpeg_quality))  # fmt: skip
-    audio = audio[: round(record.duration * SAMPLE_RATE)]
-    record.frames = len(crops)
-    record.audio_rms_db = round(rms_db(audio), 2)
+    record.duration = track.duration
+    record.faces_max = track.faces_max
+    record.detection_rate = round(float(track.detected.mean()), 4)
+    record.box_size = round(float(np.median(track.squares[:, 2])) * track.scale, 1)
+    record.frames = len(track.crops)
+    record.audio_rms_db = round(rms_db(track.audio), 2)
     record.status = "ok"
-    meta = {
-        "clip_id": record.clip_id,
-        "dataset": record.dataset,
-        "split": record.split,
-        "label": record.label,
-        "targets": json.loads(record.targets),
-        "times": [round(t, 4) for t in times[: len(crops)]],
-        "boxes": np.round(squares[: len(crops)] * scale, 1).tolist(),
-        "detected": detected[: len(crops)].tolist(),
-        "duration": record.duration,
-        "frame_rate": params.frame_rate,
-    }
-    return record, ShardSample(meta=meta, audio=audio, frames=crops)
+    meta = track.meta(
+        clip_id=record.clip_id, dataset=record.dataset, split=record.split, label=record.label,
+        targets=json.loads(record.targets),
+    )  # fmt: skip
+    return record, ShardSample(meta=meta, audio=track.audio, frames=track.crops)
+
+
+def _describe_media(record: ClipRecord) -> None:
+    """Fill the container facts of a quarantined clip's record where the file has them."""
+    try:
+        info = probe(record.path)
+    except MediaError:
+        return
+    record.fps, record.width, record.height = info.fps, info.width, info.height
+    record.sample_rate, record.channels = info.sample_rate, info.channels
 
 
 # --------------------------------------------------------------------------- the stage
@@ -217,7 +273,7 @@ def _worker_init(params: CropParams) -> None:
     die_with_parent()  # a killed stage leaves no detector workers behind
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    _detector(params)
+    _stage_detector(params)
 
 
 _UNSIGNED_PARAMS = ("workers",)  # how the work is spread, not what it produces

@@ -23,9 +23,10 @@ import pandas as pd
 import torch
 
 from socialmae.data.clips import CLIPS_TABLE
-from socialmae.data.crop import CropParams, process_clip
+from socialmae.data.crop import CropParams, build_detector, face_track
 from socialmae.data.decode import SAMPLE_RATE, decode_audio, probe
 from socialmae.data.errors import MediaError
+from socialmae.data.faces import FaceDetector
 from socialmae.data.features import (
     frames_to_video,
     log_mel,
@@ -403,34 +404,33 @@ def load_clip(
     crop: CropParams | None = None,
     sampling: ClipSampling | None = None,
     need: Literal["both", "audio", "video"] = "both",
+    detector: FaceDetector | None = None,
 ) -> ClipInputs:
     """Turn any media file into model inputs (evaluation window, the config's preprocessing).
 
-    Faces are detected, tracked and cropped exactly as ``crop_faces`` does (JPEG round trip
-    included, so inference sees what training saw). ``need`` says which streams the caller
-    uses: ``audio`` reads only the voice (an audio file will do; ``video`` is then None),
-    ``video`` accepts a file without a voice. Raises :class:`MediaError` naming the file and
-    the reason when the clip cannot be used.
+    Faces are detected, tracked and cropped by the crop stage's own :func:`face_track` (JPEG
+    round trip included, so inference sees what training saw). ``need`` says which streams
+    the caller uses: ``audio`` reads only the voice (an audio file will do; ``video`` is then
+    None), ``video`` accepts a file without a voice. ``detector``: pass one to reuse it over
+    many files (else one is built from ``crop`` for this call).
+
+    Raises:
+        MediaError: the file cannot be used (naming it and the reason); anything else is a
+            bug or a resource error and propagates.
     """
     config = config or get_preset("social-mae-base")
     crop = crop or CropParams(workers=1)
     sampling = sampling or ClipSampling()
     if need == "audio":
         return _load_voice(path, config, sampling, crop.max_seconds)
-    row = {
-        "clip_id": Path(path).stem, "dataset": "", "speaker": "", "split": "", "label": "",
-        "targets": [], "abs_path": str(path),
-    }  # fmt: skip
-    record, sample = process_clip(row, crop, need_audio=need == "both")
-    if sample is None:
-        raise MediaError(path, record.reason)
-    clip = _Clip(sample.meta, sample.audio, lambda i: decode_jpeg(sample.frames[i]))
+    track = face_track(path, crop, detector or build_detector(crop), need_audio=need == "both")
+    clip = _Clip(track.meta(), track.audio, lambda i: decode_jpeg(track.crops[i]))
     rng = np.random.default_rng(0)
     window = sample_clip(clip, config, sampling, False, rng)
     feats, video = to_inputs(window.frames, window.audio, config)
-    boxes = np.asarray(sample.meta["boxes"], dtype=np.float64)[window.frame_index]
+    boxes = np.asarray(clip.meta["boxes"], dtype=np.float64)[window.frame_index]
     return ClipInputs(
-        audio=feats, video=video, times=window.times, boxes=boxes, clip_id=row["clip_id"]
+        audio=feats, video=video, times=window.times, boxes=boxes, clip_id=Path(path).stem
     )
 
 

@@ -11,7 +11,8 @@ class MediaError(ValueError):
     Stages catch it per clip, quarantine the clip with ``reason`` and go on.
     """
 
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], reason: str, **facts: float) -> None:
         self.path = str(path)
         self.reason = reason
+        self.facts = facts  # what was measured before the verdict (duration, detection_rate...)
         super().__init__(f"{path}: {reason}")
