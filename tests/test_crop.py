@@ -18,8 +18,10 @@ from socialmae.data.clips import CLIPS_TABLE
 from socialmae.data.crop import CropParams, crop_faces, process_clip
 from socialmae.data.dataset import Augment, ClipSampling, ShardDataset, load_clip
 from socialmae.data.errors import MediaError
+from socialmae.data.faces import DetectorWeightsError
 from socialmae.data.manifest import ManifestRow, read_manifest, write_manifest
 from socialmae.model import get_preset
+from socialmae.state_dicts import CheckpointError
 from socialmae.tasks import get_task
 
 PARAMS = CropParams(workers=1, clips_per_shard=4, frame_rate=4.0)
@@ -205,6 +207,22 @@ def test_inference_raises_what_the_stage_quarantines(cropped, monkeypatch):
     assert sample is None and record.status == "quarantined"
     assert record.reason.startswith("unexpected failure: RuntimeError: CUDA out of memory")
     assert record.width > 0 and record.fps > 0  # what the file is, even when quarantined
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unusable_detector_weights_stop_the_stage_before_any_clip(cropped, tmp_path, monkeypatch,
+                                                                  workers):  # fmt: skip
+    """Bad detector weights are the stage's problem, not every clip's: the stage raises one
+    DetectorWeightsError (a CheckpointError: the CLI's exit 2) and writes no shard or table."""
+    root, _, _, _ = cropped
+    monkeypatch.setattr(crop_stage, "_DETECTOR", None)
+    bad = dataclasses.replace(PARAMS, workers=workers, detector_backbone="resnet50",
+                              detector_weights=str(tmp_path / "missing.pth"))  # fmt: skip
+    out = tmp_path / "shards"
+    with pytest.raises(DetectorWeightsError, match=r"missing\.pth: no such file") as caught:
+        crop_faces(read_manifest(root / "raw"), out, bad)
+    assert isinstance(caught.value, CheckpointError)
+    assert not list(out.glob("shard-*")) and not (out / CLIPS_TABLE).exists()
 
 
 def test_metadata_records_times_and_boxes(cropped):

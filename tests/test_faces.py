@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 
 from socialmae.data import faces
-from socialmae.data.errors import MediaError
-from socialmae.data.faces import Face, FaceDetector, RetinaFace
+from socialmae.data.faces import DetectorWeightsError, Face, FaceDetector, RetinaFace
 
 
 @pytest.fixture(scope="module")
@@ -290,20 +289,20 @@ def test_wrong_weights_raise_media_error(cache: Path, tmp_path: Path) -> None:
     mnet = _random_state_dict("mobilenet0.25")
     wrong = tmp_path / "mobilenet.pth"
     torch.save(mnet, wrong)
-    with pytest.raises(MediaError, match="not resnet50 RetinaFace weights"):
+    with pytest.raises(DetectorWeightsError, match="not resnet50 RetinaFace weights"):
         faces.load_retinaface(wrong, "resnet50")
 
     reshaped = dict(mnet)
     reshaped["fpn.output1.0.weight"] = torch.zeros(64, 32, 1, 1)
     torch.save(reshaped, tmp_path / "shape.pth")
-    with pytest.raises(MediaError, match=r"fpn.output1.0.weight: file \[64, 32, 1, 1\]"):
+    with pytest.raises(DetectorWeightsError, match=r"fpn.output1.0.weight: file \[64, 32, 1, 1\]"):
         faces.load_retinaface(tmp_path / "shape.pth", "mobilenet0.25")
 
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(wrong.read_bytes()[:5000])
-    with pytest.raises(MediaError, match="truncated"):
+    with pytest.raises(DetectorWeightsError, match="truncated"):
         faces.load_retinaface(truncated, "mobilenet0.25")
-    with pytest.raises(MediaError, match="no such"):
+    with pytest.raises(DetectorWeightsError, match="no such"):
         faces.load_retinaface(tmp_path / "missing.pth", "mobilenet0.25")
     with pytest.raises(ValueError, match="no bundled weights"):
         faces.load_retinaface(None, "resnet50")
@@ -326,7 +325,7 @@ def test_weights_from_url(cache: Path, tmp_path: Path) -> None:
         stamp = downloaded.stat().st_mtime_ns
         faces.load_retinaface(f"{base}/mobilenet0.25_Final.pth", "mobilenet0.25")  # cached
         assert downloaded.stat().st_mtime_ns == stamp
-        with pytest.raises(MediaError, match="download failed"):
+        with pytest.raises(DetectorWeightsError, match="download failed"):
             faces.load_retinaface(f"{base}/missing.pth", "mobilenet0.25")
     finally:
         server.shutdown()

@@ -226,8 +226,9 @@ def process_clip(row: dict[str, Any], params: CropParams) -> tuple[ClipRecord, S
         path=str(row["abs_path"]),
         status="quarantined",
     )
+    detector = _stage_detector(params)  # unusable weights stop the stage: not a clip's fault
     try:
-        track = face_track(record.path, params, _stage_detector(params))
+        track = face_track(record.path, params, detector)
     except MediaError as exc:
         _describe_media(record)
         for name, value in exc.facts.items():
@@ -305,6 +306,9 @@ def crop_faces(manifest: pd.DataFrame, out_dir: str | os.PathLike[str], params: 
 
     Writes ``out_dir/shard-NNNNN.tar`` (+ ``.parquet`` per-shard table and ``.json`` commit
     marker), ``out_dir/clips.parquet`` (every clip, ok or quarantined) and returns metrics.
+
+    Raises:
+        DetectorWeightsError: the detector's weights cannot be used (before any clip is read).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,6 +318,7 @@ def crop_faces(manifest: pd.DataFrame, out_dir: str | os.PathLike[str], params: 
         for i in range(0, len(rows), params.clips_per_shard)
     ]
     start = time.perf_counter()
+    _stage_detector(params)  # weights checked (and converted or downloaded) once, up front
     pool = None
     if params.workers > 1 and len(rows) > 1:
         pool = ProcessPoolExecutor(
