@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import re
-import signal
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
 import typer
 
+from socialmae import layout
 from socialmae.data.errors import MediaError
 from socialmae.model.config import Mode
 from socialmae.tasks import TASKS
@@ -71,76 +66,142 @@ def _task(name: str) -> str:
     return name
 
 
+# Stage commands: dvc.yaml gives every input and output path, so it reads as the data flow;
+# the defaults are the same paths.
+ParamsOption = Annotated[Path, typer.Option(help="the params file")]
+RawOption = Annotated[Path, typer.Option(help="download's output: data/raw/<dataset>/")]
+FacesOption = Annotated[Path, typer.Option(help="crop_faces's output: shards + clips.parquet")]
+ValidationOption = Annotated[Path, typer.Option(help="validate's output: accepted.csv, reports")]
+TaskOutOption = Annotated[
+    Path | None, typer.Option(help="output directory [default: outputs/STAGE/TASK]")
+]
+
+
 @app.command()
-def download(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
-    """Stage `download`: raw clips + manifest per dataset under data/raw/."""
+def download(params: ParamsOption = Path("params.yaml"), out: RawOption = layout.RAW) -> None:
+    """Stage `download`: raw clips + manifest per dataset under OUT/<dataset>/."""
     from socialmae.data.stages import stage_download
 
-    _stage(stage_download, params)
+    _stage(stage_download, params, out)
 
 
 @app.command("crop-faces")
-def crop_faces_command(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
-    """Stage `crop_faces`: face crops and audio into shards under data/interim/faces/."""
+def crop_faces_command(
+    params: ParamsOption = Path("params.yaml"),
+    raw: RawOption = layout.RAW,
+    out: FacesOption = layout.FACES,
+) -> None:
+    """Stage `crop_faces`: face crops and audio into shards under OUT (counts and timings in
+    crop_metrics.json beside it)."""
     from socialmae.data.stages import stage_crop_faces
 
-    _stage(stage_crop_faces, params)
+    _stage(stage_crop_faces, params, raw, out)
 
 
 @app.command()
-def validate(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
-    """Stage `validate`: Great Expectations checks, quarantine list, Data Docs."""
+def validate(
+    params: ParamsOption = Path("params.yaml"),
+    raw: RawOption = layout.RAW,
+    faces: FacesOption = layout.FACES,
+    out: ValidationOption = layout.VALIDATION,
+) -> None:
+    """Stage `validate`: Great Expectations checks, accepted and quarantine lists, Data Docs."""
     from socialmae.data.stages import stage_validate
     from socialmae.data.validate import ValidationFailed
 
     try:
-        _stage(stage_validate, params)
+        _stage(stage_validate, params, raw, faces, out)
     except ValidationFailed as exc:
         _fail(str(exc))
 
 
 @app.command()
-def pretrain(params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
-    """Stage `pretrain`: masked reconstruction + contrastive pretraining -> outputs/pretrain/.
+def pretrain(
+    params: ParamsOption = Path("params.yaml"),
+    shards: FacesOption = layout.FACES,
+    validation: ValidationOption = layout.VALIDATION,
+    out: Annotated[Path, typer.Option(help="output directory")] = layout.PRETRAIN,
+) -> None:
+    """Stage `pretrain`: masked reconstruction + contrastive pretraining -> OUT.
 
     Multi-GPU: `torchrun --nproc_per_node N -m socialmae.cli pretrain` (same outputs).
     """
     from socialmae.train.stages import stage_pretrain
 
-    _stage(stage_pretrain, params)
+    _stage(stage_pretrain, params, shards, validation, out)
 
 
 @app.command()
-def tune(task: str, params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
-    """Stage `tune@TASK`: Optuna search over fine-tuning params -> outputs/tune/TASK/."""
+def tune(
+    task: str,
+    params: ParamsOption = Path("params.yaml"),
+    shards: FacesOption = layout.FACES,
+    validation: ValidationOption = layout.VALIDATION,
+    out: TaskOutOption = None,
+) -> None:
+    """Stage `tune@TASK`: Optuna search over fine-tuning params -> OUT/best_params.json."""
     from socialmae.train.stages import stage_tune
 
-    _stage(stage_tune, params, _task(task))
+    _stage(stage_tune, params, _task(task), shards, validation, out)
 
 
 @app.command("tune-worker")
-def tune_worker(task: str, params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
+def tune_worker(
+    task: str,
+    params: ParamsOption = Path("params.yaml"),
+    shards: FacesOption = layout.FACES,
+    validation: ValidationOption = layout.VALIDATION,
+) -> None:
     """Join TASK's Optuna study as an extra worker (shared storage, e.g. PostgreSQL, from
     tune.storage or $SOCIALMAE_OPTUNA_STORAGE); run on as many machines as you like."""
     from socialmae.train.stages import stage_tune_worker
 
-    _stage(stage_tune_worker, params, _task(task))
+    _stage(stage_tune_worker, params, _task(task), shards, validation)
+
+
+TunedOption = Annotated[
+    Path | None,
+    typer.Option(help="tune@TASK's best_params.json [default: outputs/tune/TASK/...]"),
+]
 
 
 @app.command()
-def finetune(task: str, params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
-    """Stage `finetune@TASK`: fine-tune, select on val, score test -> outputs/finetune/TASK/."""
+def finetune(
+    task: str,
+    params: ParamsOption = Path("params.yaml"),
+    shards: FacesOption = layout.FACES,
+    validation: ValidationOption = layout.VALIDATION,
+    tuned: TunedOption = None,
+    out: TaskOutOption = None,
+) -> None:
+    """Stage `finetune@TASK`: fine-tune every mode, select on val, score test -> OUT."""
     from socialmae.train.stages import stage_finetune
 
-    _stage(stage_finetune, params, _task(task))
+    _stage(stage_finetune, params, _task(task), shards, validation, out, tuned)
 
 
 @app.command()
-def register(task: str, params: Annotated[Path, typer.Option()] = Path("params.yaml")) -> None:
-    """Stage `register@TASK`: log to MLflow as socialmae-TASK, promote through the gate."""
-    from socialmae.train.stages import stage_register
+def register(
+    task: str,
+    params: ParamsOption = Path("params.yaml"),
+    finetuned: Annotated[
+        Path | None, typer.Option(help="finetune@TASK's output [default: outputs/finetune/TASK]")
+    ] = None,
+    tuned: TunedOption = None,
+    shards: FacesOption = layout.FACES,
+    validation: ValidationOption = layout.VALIDATION,
+    out: TaskOutOption = None,
+) -> None:
+    """Stage `register@TASK`: log to MLflow as socialmae-TASK, promote through the gate; the
+    decision goes to OUT/decision.json."""
+    from socialmae.registration import stage_register
+    from socialmae.registry import PromotionBusyError
 
-    _stage(stage_register, params, _task(task))
+    try:
+        _stage(stage_register, params, _task(task), finetuned, tuned, shards, validation, out)
+    except PromotionBusyError as exc:  # another promotion is running: retry later
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
 
 
 @app.command()
@@ -192,7 +253,6 @@ def convert(
 # --------------------------------------------------------------------------- using models
 
 Format = Literal["table", "json", "csv"]
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # models:/, runs:/, s3://... (not C:\)
 
 VideosArgument = Annotated[list[Path], typer.Argument(help="video files", show_default=False)]
 _MODEL_HELP = "models:/NAME@ALIAS (or /VERSION) URI, a saved model directory or an official .pth"
@@ -211,25 +271,6 @@ TrackingOption = Annotated[
 ]
 
 
-def _is_uri(model: str) -> bool:
-    """`models:/...`, `runs:/...`, `s3://...`: for MLflow, not a local path."""
-    return bool(_URI.match(model))
-
-
-def _check_device(device: str) -> None:
-    """Exit 2 unless `device` is cpu or an available cuda device."""
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        _fail(f"--device must be cpu or cuda[:N], got {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        _fail(f"--device {device}: CUDA is not available")
-
-
 def _load_predictor(
     model: str | None,
     task: str | None,
@@ -237,55 +278,29 @@ def _load_predictor(
     tracking_uri: str | None,
     device: str,
 ) -> Predictor:
-    """The :class:`Predictor` of a `models:/` URI (:func:`registry.load_registered`), a saved
-    directory or an official `.pth` (:meth:`Predictor.load`); exits 2 when it cannot."""
-    from mlflow.exceptions import MlflowException
+    """:func:`socialmae.model_source.load_predictor` of `--model` (default: the champion of
+    `--task`, else of the project's first task); exits 2 when it cannot."""
+    from socialmae.model_source import ModelSourceError, default_source, load_predictor
 
-    from socialmae.checkpoints import CheckpointError
-    from socialmae.inference import Predictor
-    from socialmae.registry import champion_uri, load_registered
-    from socialmae.tasks import get_task
-
-    if model is None and task is None:
-        task = _project_task()
-        if task is None:
-            _fail("give --model (a models:/ URI, a model directory or a .pth) or --task")
-    spec = get_task(_task(task)) if task is not None else None
-    if model is None:
-        model = champion_uri(spec.name)
-        typer.echo(f"using {model}", err=True)
+    if task is not None:
+        _task(task)
     names = tuple(name.strip() for name in labels.split(",")) if labels else None
-    _check_device(device)
-    path = Path(model)
-    is_pth = not _is_uri(model) and not path.is_dir()
-    if names is not None and not is_pth:
-        _fail("--labels only applies to official .pth checkpoints; saved models record theirs")
-    if _is_uri(model):
-        try:
-            return load_registered(model, tracking_uri, device)
-        except (MlflowException, OSError) as exc:
-            _fail(f"cannot load {model}: {exc}")
-    if not path.exists():
-        _fail(f"{path}: no such file or directory")
-    if is_pth and spec is not None:
-        names = names or spec.labels
     try:
-        return Predictor.load(path, spec.kind if spec else None, names, device)
-    except (CheckpointError, ValueError) as exc:
+        if model is None:
+            model, task = default_source(task)
+            typer.echo(f"using {model}", err=True)
+        return load_predictor(model, task, names, tracking_uri, device)
+    except ModelSourceError as exc:
         _fail(str(exc))
 
 
-def _project_task(params: Path = Path("params.yaml")) -> str | None:
-    """The first of `tasks` in the project's params file (in the working directory), so that
-    `socialmae predict clip.mp4` after `make demo` uses that task's champion; None outside
-    a project."""
-    from socialmae.params import ParamsError, load_yaml
+def _check_device(device: str) -> None:
+    from socialmae.model_source import ModelSourceError, check_device
 
     try:
-        tasks = load_yaml(params).get("tasks") if params.is_file() else None
-    except ParamsError:
-        return None
-    return str(tasks[0]) if isinstance(tasks, list) and tasks else None
+        check_device(device)
+    except ModelSourceError as exc:
+        _fail(str(exc))
 
 
 def _output_format(output_format: Format | None, out: Path | None) -> Format:
@@ -550,99 +565,16 @@ def serve(
     Exit codes: 0 stopped by a signal; 1 the server failed; 2 bad arguments or an unknown
     model.
     """
-    from socialmae.tracking import resolve_tracking_uri
+    from socialmae.model_source import ModelSourceError
+    from socialmae.serving import serve as run_server
 
-    with contextlib.ExitStack() as stack:
-        target, uri = _servable(model, resolve_tracking_uri(tracking_uri), stack)
-        command = [
-            sys.executable, "-m", "mlflow", "models", "serve", "-m", target,
-            "--env-manager", "local", "--host", host, "--port", str(port),
-            "--workers", str(workers), "--timeout", str(timeout),
-        ]  # fmt: skip
-        bin_dir = str(Path(sys.executable).parent)  # mlflow starts `uvicorn` from PATH
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
-               "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
-        code = _run_forwarding_signals(command, env)
+    try:
+        code = run_server(model, host, port, workers, timeout, tracking_uri)
+    except ModelSourceError as exc:
+        _fail(str(exc))
     if code != 0:
         typer.echo(f"error: the server exited with code {code}", err=True)
         raise typer.Exit(code=1)
-
-
-def _servable(model: str, tracking_uri: str, stack: contextlib.ExitStack) -> tuple[str, str]:
-    """What `mlflow models serve -m` gets, and the tracking URI it resolves that with."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from socialmae.checkpoints import CheckpointError
-
-    if _is_uri(model):
-        if model.startswith("models:/"):  # fail here, not deep inside the server's start
-            from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-            try:
-                get_model_name_and_version(MlflowClient(tracking_uri), model)
-            except MlflowException as exc:
-                _fail(f"cannot serve {model}: {exc}")
-        return model, tracking_uri
-    path = Path(model)
-    if not path.is_dir():
-        _fail(f"{path}: not a directory; serve takes a models:/ URI or a model directory")
-    if (path / "MLmodel").is_file():
-        return str(path.resolve()), tracking_uri
-    from socialmae.registry import DEFAULT_EXPERIMENT, log_model
-
-    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="socialmae-serve-")))
-    local = f"sqlite:///{tmp / 'mlflow.db'}"
-    MlflowClient(local).create_experiment(
-        DEFAULT_EXPERIMENT, artifact_location=(tmp / "artifacts").as_uri()
-    )
-    try:
-        version = log_model(path, "local", "unscored", float("nan"), "none", tracking_uri=local)
-    except CheckpointError as exc:
-        _fail(str(exc))
-    return version.model_uri, local
-
-
-def _run_forwarding_signals(command: list[str], env: dict[str, str]) -> int:
-    """Run `command` in its own process group, passing SIGINT/SIGTERM/SIGHUP on to the whole
-    group; its exit code, or 0 when a passed-on signal stopped it."""
-    process = subprocess.Popen(command, env=env, process_group=0)
-    received: list[int] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        received.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signum)
-
-    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
-    try:
-        code = process.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if process.poll() is None:  # leaving on an exception: do not leave the server behind
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            process.wait()
-    _wait_for_group(process.pid)
-    return 0 if received else code
-
-
-def _wait_for_group(group: int, timeout: float = 20.0) -> None:
-    """Wait until no process of `group` (the server's workers) is left; SIGKILL what is
-    still there after `timeout` seconds."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -471,24 +471,40 @@ class PromotionBusyError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _promotion_lock(client: MlflowClient, uri: str, name: str) -> Iterator[None]:
+def _promotion_lock(
+    client: MlflowClient, uri: str, name: str, wait_s: float = PROMOTION_LEASE_WAIT_S
+) -> Iterator[None]:
     """Serialise the promotions of model ``name``, so two processes cannot both read the old
     champion and the worse candidate win by writing last.
 
     On a sqlite store: an exclusive lock on a file beside the database (released by the OS
     if the holder dies). On any other store (a tracking server, a database URI): a lease
     taken through the registry itself, see :func:`_registry_lease`.
+
+    Raises:
+        PromotionBusyError: another promotion held the lock or lease for more than ``wait_s``.
     """
     if not uri.startswith("sqlite:///"):
-        with _registry_lease(client, name):
+        with _registry_lease(client, name, wait_s=wait_s):
             yield
         return
     import fcntl
+    import time
 
     database = Path(uri.removeprefix("sqlite:///"))
     lock = database.with_name(f"{database.name}.{name}.promotion.lock")
+    deadline = time.monotonic() + wait_s
     with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PromotionBusyError(
+                        f"another promotion of {name} held {lock} for more than {wait_s:.0f} s"
+                    ) from None
+                time.sleep(0.2)
         try:
             yield
         finally:

@@ -26,9 +26,9 @@ import pandas as pd
 
 from socialmae.data.clips import CLIPS_TABLE
 from socialmae.data.features import fbank
-from socialmae.data.layout import FACES, RAW, VALIDATION
 from socialmae.data.manifest import MANIFEST_NAME, SPLITS, read_manifest
 from socialmae.data.shards import ShardReader
+from socialmae.layout import FACES, FINETUNE, RAW, REGISTER, VALIDATION
 from socialmae.params import load_yaml
 from socialmae.tasks import TaskSpec, get_task
 from socialmae.tracking import resolve_tracking_uri
@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 PROJECT_ENV = "SOCIALMAE_PROJECT"
 """Environment variable naming the project root the notebooks read (default: found from cwd)."""
 
-OUTPUTS = Path("outputs")
 
 MODES = ("audio", "video", "multimodal")
 MODE_HEADINGS = {"audio": "Audio", "video": "Visual", "multimodal": "AV"}  # Table I
@@ -517,7 +516,7 @@ def _baseline_test(
             )  # fmt: skip
             return result.p_value, result.p_min
         logger.warning("run %s: baseline %s was tested on other clips", run.run_id, baseline)
-    recorded = mode_dir(root / OUTPUTS / "finetune" / run.task, run.mode) / "metrics.json"
+    recorded = mode_dir(root / FINETUNE / run.task, run.mode) / "metrics.json"
     if recorded.is_file():
         report = json.loads(recorded.read_text())
         primary = metrics.primary_metric(task)
@@ -627,7 +626,7 @@ def confusion_table(
     """Test-set confusion counts of the ``mode`` model of ``outputs/finetune/<task>`` (rows =
     true class), or None for a regression task or when the stage has not run."""
     spec = get_task(task)
-    directory = mode_dir(Path(root) / OUTPUTS / "finetune" / task, mode)
+    directory = mode_dir(Path(root) / FINETUNE / task, mode)
     if spec.kind != "classification" or not (directory / PREDICTIONS).is_file():
         return None
     _, targets, outputs = read_predictions(directory, spec)
@@ -643,7 +642,7 @@ def mode_table(root: str | os.PathLike[str], task: str) -> pd.DataFrame | None:
     mode, the primary metric on val and on test with its 95% bootstrap CI, and the paired
     permutation p-value against every other mode on the same test clips; None before the stage
     has run."""
-    path = Path(root) / OUTPUTS / "finetune" / task / "metrics.json"
+    path = Path(root) / FINETUNE / task / "metrics.json"
     if not path.is_file():
         return None
     table = json.loads(path.read_text())
@@ -670,7 +669,7 @@ def mode_table(root: str | os.PathLike[str], task: str) -> pd.DataFrame | None:
 
 def promotion_decision(root: str | os.PathLike[str], task: str) -> dict[str, Any] | None:
     """``outputs/register/<task>/decision.json`` (what the promotion gate decided), or None."""
-    path = Path(root) / OUTPUTS / "register" / task / "decision.json"
+    path = Path(root) / REGISTER / task / "decision.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 

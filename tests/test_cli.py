@@ -390,7 +390,7 @@ def test_the_command_starts_without_torch_and_public_names_load_on_use():
     import no torch, MLflow or Prefect; the public names still resolve when used."""
     code = (
         "import sys\n"
-        "import socialmae, socialmae.cli, socialmae.data.layout, socialmae.model\n"
+        "import socialmae, socialmae.cli, socialmae.layout, socialmae.model\n"
         "heavy = sorted(m for m in ('torch', 'mlflow', 'prefect', 'pandas') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
         "from socialmae import SocialMAE, CheckpointError, load_checkpoint\n"

@@ -9,6 +9,7 @@ of the functions and classes actually used (and what they call within their modu
 from __future__ import annotations
 
 import ast
+import itertools
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,35 @@ def missing_deps(command: str, deps: list[str]) -> list[str]:
         for path in stage_files(command)
         if not any(path == d or path.startswith(d + "/") for d in covered)
     )
+
+
+def _related(path: str, entries: list[str]) -> bool:
+    """``path`` is one of ``entries``, inside one, or holds one."""
+    path = path.rstrip("/")
+    return any(
+        e == path or e.startswith(path + "/") or path.startswith(e + "/")
+        for e in (e.rstrip("/") for e in entries)
+    )
+
+
+def _path_options(argv: list[str]) -> dict[str, str]:
+    """``{option: value}`` of the ``--option value`` pairs of a stage command."""
+    return {a[2:]: b for a, b in itertools.pairwise(argv) if a.startswith("--")}
+
+
+@pytest.mark.parametrize("stage", [s[0] for s in _stages()])
+def test_stage_commands_name_the_paths_dvc_tracks(stage):
+    """dvc.yaml reads as the data flow: each stage command names its output directory
+    (``--out``, holding the stage's outs) and its inputs (each one a dependency)."""
+    body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    body = body.get("do", body)
+    options = _path_options(shlex.split(body["cmd"]))
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in body.get("outs", [])]
+    assert "out" in options and _related(options.pop("out"), outs), (stage, body["cmd"])
+    deps = [str(d) for d in body.get("deps", [])]
+    for option, value in options.items():
+        if option != "params":
+            assert _related(value, deps), f"{stage}: --{option} {value} is not a dependency"
 
 
 @pytest.mark.parametrize(("stage", "command", "deps"), _stages(), ids=[s[0] for s in _stages()])

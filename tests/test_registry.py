@@ -468,3 +468,20 @@ def test_promotion_lease_waits_breaks_stale_and_gives_up(server_uri):
     client.create_registered_model(lease, tags={"holder": "dead-host:1:0"})  # a dead promoter
     with registry._registry_lease(client, name, stale_after_s=0.3, wait_s=30):
         assert client.get_registered_model(lease).tags["holder"] != "dead-host:1:0"
+
+
+def test_sqlite_promotion_lock_gives_up_after_its_wait(tmp_path):
+    """The sqlite store's file lock: a second promotion waits while the first holds it,
+    gives up with PromotionBusyError naming the lock file after ``wait_s``, and gets it once
+    the first has finished."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    name = registry.model_name("lock")
+    with registry._promotion_lock(client, uri, name):
+        busy = pytest.raises(registry.PromotionBusyError, match=re.escape(".promotion.lock"))
+        started = time.monotonic()
+        with busy, registry._promotion_lock(client, uri, name, wait_s=0.5):
+            pass
+        assert 0.5 <= time.monotonic() - started < 5
+    with registry._promotion_lock(client, uri, name, wait_s=0.5):  # released
+        pass

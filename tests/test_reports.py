@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from socialmae import reports
-from socialmae.data.layout import RAW, VALIDATION
 from socialmae.data.manifest import ManifestRow, write_manifest
+from socialmae.layout import RAW, VALIDATION
 from socialmae.model import SocialMAE, get_preset
 from socialmae.tasks import EMOTIONS, get_task
 from socialmae.train import metrics

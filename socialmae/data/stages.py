@@ -16,10 +16,10 @@ import pandas as pd
 
 from socialmae.data.crop import CropParams, crop_faces
 from socialmae.data.errors import MediaError
-from socialmae.data.layout import FACES, RAW, VALIDATION
 from socialmae.data.manifest import read_manifest
 from socialmae.data.sources.catalog import SOURCES, check_names, parse_download
 from socialmae.io import atomic_write_text
+from socialmae.layout import FACES, RAW, VALIDATION
 from socialmae.params import ParamsError, from_mapping, load_params
 
 CROP_METRICS_NAME = "crop_metrics.json"  # beside the shards, never inside them: its timings

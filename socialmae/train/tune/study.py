@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from socialmae.data.download import redact
 from socialmae.io import atomic_write, atomic_write_text
+from socialmae.layout import BEST_PARAMS as BEST_PARAMS  # re-exported by the package
 from socialmae.train.engine import Report
 from socialmae.train.tune.settings import TuneParams, TuneResult, load_tune
 from socialmae.train.tune.space import SearchSpace, TuneError, suggest
@@ -28,7 +29,6 @@ from socialmae.train.tune.tracking import StudyTracker
 
 log = logging.getLogger(__name__)
 
-BEST_PARAMS = "best_params.json"
 TRIALS_TABLE = "trials.csv"
 
 Objective = Callable[[dict[str, Any], Report], float]
