@@ -237,3 +237,19 @@ def test_modality_dropout_trains_some_steps_on_one_stream():
     assert {step_mode(off, "multimodal", s) for s in range(100)} == {"multimodal"}
     with pytest.raises(ParamsError, match="modality_dropout"):
         from_mapping(FinetuneParams, {"modality_dropout": 1.0}, "finetune")
+
+
+def test_checkpoints_resume_only_onto_the_same_init_weights(demo_shards, tmp_path):
+    """The init path is the same but its weights changed (pretrain ran again): the old
+    per-epoch checkpoints are not resumed; the run equals a fresh one from the new weights."""
+    init = tmp_path / "init"
+    models = []
+    for seed, out in ((3, "out"), (4, "out"), (4, "fresh")):
+        torch.manual_seed(seed)
+        shutil.rmtree(init, ignore_errors=True)
+        SocialMAE(get_preset("tiny")).save_pretrained(init)
+        finetune(_params(tmp_path, init, epochs=2), "demo", demo_shards, tmp_path / out)
+        models.append(load_file(tmp_path / out / "model" / "model.safetensors"))
+    first, again, fresh = models
+    assert all(torch.equal(again[k], fresh[k]) for k in fresh)
+    assert not torch.equal(again["mlp_head.1.weight"], first["mlp_head.1.weight"])

@@ -107,6 +107,31 @@ def test_classifier_modes_and_embeddings():
     torch.testing.assert_close(model(audio, None, "audio"), model(audio, video * 0, "audio"))
 
 
+def test_video_centering_sees_motion_not_appearance(tmp_path):
+    """With ``video_centering_gain`` the model is blind to a face's still appearance (a
+    picture added to every frame) and sees its motion, in embeddings and in the pretraining
+    loss alike; the gain is saved with the model; without it the frames go in as they are."""
+    audio, video = tiny_inputs(batch=2)
+    appearance = torch.randn(2, 3, 1, 224, 224, generator=torch.Generator().manual_seed(1))
+    still = video + appearance  # same motion, another face
+    model = SocialMAE.from_preset("tiny", video_centering_gain=4.0).eval()
+    torch.testing.assert_close(model.video_input(video).mean(dim=2), torch.zeros(2, 3, 224, 224))
+    torch.testing.assert_close(model.embed(None, still, "video"), model.embed(None, video, "video"))
+    same = [model(audio, v, generator=torch.Generator().manual_seed(0)) for v in (video, still)]
+    torch.testing.assert_close(same[0].loss_mae_video, same[1].loss_mae_video)
+    moved = video.roll(1, dims=2)  # other motion
+    assert not torch.allclose(model.embed(None, moved, "video"), model.embed(None, video, "video"))
+    model.save_pretrained(tmp_path / "m")
+    assert SocialMAE.from_pretrained(tmp_path / "m").config.video_centering_gain == 4.0
+    plain = SocialMAE.from_preset("tiny").eval()
+    assert plain.video_input(video) is video
+    assert not torch.allclose(plain.embed(None, still, "video"), plain.embed(None, video, "video"))
+    for bad in ({"video_centering_gain": 0.0}, {"video_centering_gain": 2.0, "num_frames": 1,
+                                                  "tubelet_size": 1}):  # fmt: skip
+        with pytest.raises(ValueError, match="video_centering_gain"):
+            SocialMAE.from_preset("tiny", **bad)
+
+
 def test_pretraining_and_classifier_share_the_encoder():
     pre = SocialMAE.from_preset("tiny").eval()
     clf = SocialMAEClassifier.from_preset("tiny", num_outputs=2).eval()

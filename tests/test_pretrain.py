@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from socialmae.data.dataset import ShardDataset
 from socialmae.model import SocialMAE, get_preset
 from socialmae.params import ParamsError, from_mapping
-from socialmae.train.engine import Checkpointer, Position
+from socialmae.train.engine import Checkpointer, Position, model_fingerprint
 from socialmae.train.pretrain import PretrainParams, pretrain
 from socialmae.train.stages import stage_pretrain
 
@@ -243,3 +243,18 @@ def test_checkpoints_of_other_settings_are_set_aside_until_the_new_run_saves(tmp
     assert other.latest() is None
     other.save(model, optimizer, scaler, Position(1, 0, 0))
     assert not list(tmp_path.glob("aside-*")) and other.latest().name == "step-00000001"
+
+
+def test_model_fingerprint_names_the_starting_point():
+    """Same preset and seed: the same fingerprint; other weights or another input transform
+    (the same weights, video_centering_gain set): another; runtime switches: the same."""
+
+    def build(seed: int, **changes) -> SocialMAE:
+        torch.manual_seed(seed)
+        return SocialMAE(get_preset("tiny", **changes))
+
+    base = model_fingerprint(build(0))
+    assert model_fingerprint(build(0)) == base
+    assert model_fingerprint(build(1)) != base
+    assert model_fingerprint(build(0, video_centering_gain=4.0)) != base
+    assert model_fingerprint(build(0, use_sdpa=False, activation_checkpointing="all")) == base

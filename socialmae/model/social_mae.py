@@ -198,11 +198,20 @@ class SocialMAEEncoder(nn.Module):
         x = self.patch_embed_a(patchify_audio(audio, self.config.patch_size))  # [B, La, D]
         return x + self.pos_embed_a + self.modality_a
 
+    def video_input(self, video: torch.Tensor) -> torch.Tensor:
+        """What the model sees of ``video`` ``[B, 3, T, H, W]`` (same shape): the frames, or with
+        ``config.video_centering_gain`` g their motion, ``g * (video - mean over T)``."""
+        gain = self.config.video_centering_gain
+        if gain is None:
+            return video
+        return (video - video.mean(dim=2, keepdim=True)) * gain
+
     def tokenize_video(self, video: torch.Tensor) -> torch.Tensor:
         """``[B, 3, T, 224, 224]`` -> ``[B, Lv, D]`` tokens with positions and modality."""
         self._check(None, video)
         c = self.config
-        x = self.patch_embed_v(patchify_video(video, c.tubelet_size, c.patch_size))  # [B, Lv, D]
+        patches = patchify_video(self.video_input(video), c.tubelet_size, c.patch_size)
+        x = self.patch_embed_v(patches)  # [B, Lv, D]
         return x + self.pos_embed_v + self.modality_v
 
     # ---------------------------------------------------------------- encoder stages
@@ -313,10 +322,11 @@ class SocialMAE(SocialMAEEncoder):
     def video_target(self, video: torch.Tensor) -> torch.Tensor:
         """``[B, 3, T, 224, 224]`` -> ``[B, Lv, s*p*p*3]`` patches in token order.
 
-        With ``legacy_target_order`` the patches are permuted the way the reference scored them.
+        The patches are those of :meth:`video_input`; with ``legacy_target_order`` they are
+        permuted the way the reference scored them.
         """
         c = self.config
-        target = patchify_video(video, c.tubelet_size, c.patch_size)
+        target = patchify_video(self.video_input(video), c.tubelet_size, c.patch_size)
         if c.legacy_target_order:
             target = target[:, self.legacy_video_target_index]
         return target
@@ -435,7 +445,8 @@ class SocialMAE(SocialMAEEncoder):
         """Mask, reconstruct, and paste visible patches back (the paper's Fig. 2).
 
         Predictions of a ``norm_pix_loss`` model are mapped back with each patch's own
-        mean and variance. Inputs and outputs use the input layouts.
+        mean and variance. Inputs and outputs use the input layouts; with
+        ``config.video_centering_gain`` the video fields hold what the model sees (motion).
         """
         c = self.config
         out = self.forward(
@@ -451,6 +462,7 @@ class SocialMAE(SocialMAEEncoder):
             m = mask.unsqueeze(-1)
             return target * (1 - m), target * (1 - m) + pred * m
 
+        video = self.video_input(video)  # what was masked and reconstructed
         ta = patchify_audio(audio, c.patch_size)
         tv = patchify_video(video, c.tubelet_size, c.patch_size)
         a_masked, a_rec = merge(ta, out.pred_audio, out.mask_audio)

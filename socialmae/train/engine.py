@@ -5,6 +5,7 @@ plan over ranks, per-sample seeds, and atomic resumable checkpoints.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -289,6 +290,25 @@ def fingerprint(values: Any) -> str:
     """Short hash of JSON-able values (settings a checkpoint must agree with, test clips)."""
     text = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+RUNTIME_CONFIG_FIELDS = ("use_sdpa", "activation_checkpointing")  # same numbers either way
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Short hash of a model's configuration (without :data:`RUNTIME_CONFIG_FIELDS`) and its
+    weights as they are now. Taken before training, it names the starting point (preset or
+    init weights, seed, fbank statistics): checkpoints resume only onto the same one."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        values = {k: v for k, v in dataclasses.asdict(config).items()
+                  if k not in RUNTIME_CONFIG_FIELDS}  # fmt: skip
+        digest.update(json.dumps(values, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 def test_set_fingerprint(clip_ids: Iterable[str]) -> str:

@@ -44,6 +44,7 @@ from socialmae.train.engine import (
     build_optimizer,
     fingerprint,
     grad_scaler,
+    model_fingerprint,
     param_groups,
     sample_generators,
 )
@@ -125,13 +126,16 @@ class _Interval:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
 
 
-def _resume_fingerprint(params: PretrainParams, dataset_size: int, world_size: int) -> str:
-    """Everything that changes the trajectory (not logging or checkpoint cadence)."""
+def _resume_fingerprint(
+    params: PretrainParams, dataset_size: int, world_size: int, start: str
+) -> str:
+    """Everything that changes the trajectory (not logging or checkpoint cadence); ``start``
+    is the :func:`~socialmae.train.engine.model_fingerprint` of the untrained model."""
     values = asdict(params)
     for key in ("checkpoint_every", "keep_checkpoints", "log_every", "workers", "max_steps",
                 "device", "activation_checkpointing"):  # fmt: skip
         values.pop(key)
-    return fingerprint({**values, "clips": dataset_size, "world_size": world_size})
+    return fingerprint({**values, "clips": dataset_size, "world_size": world_size, "start": start})
 
 
 def pretrain(
@@ -178,6 +182,7 @@ def _pretrain(
         config = config.replace(activation_checkpointing=params.activation_checkpointing)
     model = SocialMAE(config)
     init_report = initialize_from(model, params.init).summary() if params.init else "scratch"
+    start = model_fingerprint(model)
     model.to(ctx.device)
     dataset = ShardDataset(
         shards, config, split=params.split, train=True, sampling=params.sampling,
@@ -214,7 +219,7 @@ def _pretrain(
     stepper = OptimizerStep(model, optimizer, scaler, params.optim, steps_per_epoch, total_steps)
     checkpointer = Checkpointer(
         out / "checkpoints",
-        _resume_fingerprint(params, len(dataset), ctx.world_size),
+        _resume_fingerprint(params, len(dataset), ctx.world_size, start),
         params.keep_checkpoints,
     )
     position, history = Position(), []
