@@ -258,3 +258,18 @@ def test_model_fingerprint_names_the_starting_point():
     assert model_fingerprint(build(1)) != base
     assert model_fingerprint(build(0, video_centering_gain=4.0)) != base
     assert model_fingerprint(build(0, use_sdpa=False, activation_checkpointing="all")) == base
+
+
+def test_code_fingerprint_changes_with_the_code_only(tmp_path):
+    """Resume keys carry the code's hash: editing a module changes it, other files do not."""
+    from socialmae.train.engine import code_fingerprint
+
+    fresh = code_fingerprint.__wrapped__  # uncached, to see edits in one process
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    before = fresh(tmp_path)
+    (tmp_path / "notes.txt").write_text("not code")
+    assert fresh(tmp_path) == before
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+    assert fresh(tmp_path) != before
+    assert code_fingerprint() == code_fingerprint()  # the package's, computed once

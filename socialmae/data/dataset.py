@@ -103,10 +103,6 @@ def augment_fbank(
     """
     length, mel = feats.shape
     span = length if augment.scope == "window" else max(1, min(real, length))
-    mean, std = stats
-    # masked bins: raw 0 in the reference recipe (a loud band once normalised); the mean
-    # (0 once normalised) within the real audio
-    fill = 0.0 if augment.scope == "window" else mean
     feats = feats.clone()
     region = feats[:span]  # a view: edits land in feats
     if augment.freq_shift > 0:
@@ -118,12 +114,13 @@ def augment_fbank(
     if augment.freqm > 0:
         width = int(rng.integers(0, augment.freqm))
         first = int(rng.integers(0, mel - width + 1))
-        region[:, first : first + width] = fill
+        region[:, first : first + width] = 0
     if augment.timem > 0:
         widest = augment.timem if augment.scope == "window" else augment.timem * span / length
         width = int(rng.integers(0, max(1, round(widest))))
         first = int(rng.integers(0, span - width + 1))
-        region[first : first + width] = fill
+        region[first : first + width] = 0
+    mean, std = stats
     feats = normalize_fbank(feats, mean, std)
     if augment.noise:
         region = feats[:span]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -308,6 +309,21 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # socialmae/
+
+
+@functools.cache
+def code_fingerprint(root: Path = PACKAGE_ROOT) -> str:
+    """Short hash of the code that trains: every ``.py`` file below ``root`` (the socialmae
+    package). A checkpoint resumes only onto the same code, so a stage that DVC re-runs after a
+    code change trains again instead of resuming the finished run of the old code."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -50,6 +50,7 @@ from socialmae.train.engine import (
     autocast,
     autocast_dtype,
     build_optimizer,
+    code_fingerprint,
     fingerprint,
     grad_scaler,
     model_fingerprint,
@@ -497,7 +498,8 @@ def _finetune(
     # change the trajectory
     resume_key = {k: v for k, v in asdict(params).items() if k not in ignored}
     resume_key = {**resume_key, "task": task.name, "mode": mode, "clips": len(train_set),
-                  "world_size": ctx.world_size, "start": start}  # fmt: skip
+                  "world_size": ctx.world_size, "start": start,
+                  "code": code_fingerprint()}  # fmt: skip
     checkpointer = Checkpointer(checkpoints, fingerprint(resume_key), keep=1)
     position, history, best = Position(), [], {"epoch": -1, "value": -np.inf}
     best_dir = checkpoints / "best"  # the best epoch's weights, kept on disk only

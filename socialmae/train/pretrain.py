@@ -42,6 +42,7 @@ from socialmae.train.engine import (
     autocast,
     autocast_dtype,
     build_optimizer,
+    code_fingerprint,
     fingerprint,
     grad_scaler,
     model_fingerprint,
@@ -130,12 +131,14 @@ def _resume_fingerprint(
     params: PretrainParams, dataset_size: int, world_size: int, start: str
 ) -> str:
     """Everything that changes the trajectory (not logging or checkpoint cadence); ``start``
-    is the :func:`~socialmae.train.engine.model_fingerprint` of the untrained model."""
+    is the :func:`~socialmae.train.engine.model_fingerprint` of the untrained model; the code
+    is :func:`~socialmae.train.engine.code_fingerprint`."""
     values = asdict(params)
     for key in ("checkpoint_every", "keep_checkpoints", "log_every", "workers", "max_steps",
                 "device", "activation_checkpointing"):  # fmt: skip
         values.pop(key)
-    return fingerprint({**values, "clips": dataset_size, "world_size": world_size, "start": start})
+    return fingerprint({**values, "clips": dataset_size, "world_size": world_size, "start": start,
+                        "code": code_fingerprint()})  # fmt: skip
 
 
 def pretrain(
