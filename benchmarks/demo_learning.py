@@ -9,7 +9,7 @@ retrieval before/after; and the paired comparison pretrained vs scratch: the mea
 over seeds, how many seeds it wins, and per seed the paired permutation p-value on the same test
 clips.
 
-    python benchmarks/demo_learning.py                   # seeds 0 1 2, about 6 minutes a seed
+    python benchmarks/demo_learning.py                   # seeds 0 1 2, about 5 minutes a seed
     python benchmarks/demo_learning.py --seeds 0 --modes audio --work /tmp/demo-bench
 """
 
