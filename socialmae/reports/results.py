@@ -1,12 +1,6 @@
-"""Read-only views of a project's pipeline outputs for the numbered notebooks.
-
-Where the project and its MLflow store are, the data overview (manifests, the per-clip table,
-validation, class balance, face crops with their fbank), the paper's Fig. 2 for chosen clips,
-and the paper's results tables (Tables I-III) built from the MLflow fine-tuning runs, with
-bootstrap confidence intervals and, where a baseline was given, paired p-values.
-
-Figures are ``matplotlib.figure.Figure`` objects made without pyplot (no global state); nothing
-here writes into the project.
+"""The results tables (notebook 03): the paper's Tables I-III from the MLflow fine-tuning runs,
+with bootstrap confidence intervals and paired p-values, the per-mode table of a project's
+own fine-tuning, confusion tables, and the registry's versions and promotion decision.
 """
 
 from __future__ import annotations
@@ -24,36 +18,36 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from socialmae.data.clips import CLIPS_TABLE
-from socialmae.data.features import fbank
-from socialmae.data.manifest import MANIFEST_NAME, SPLITS, read_manifest
-from socialmae.data.shards import ShardReader
-from socialmae.layout import FACES, FINETUNE, RAW, REGISTER, VALIDATION
-from socialmae.params import load_yaml
+from socialmae.layout import FINETUNE, REGISTER
 from socialmae.tasks import TaskSpec, get_task
-from socialmae.tracking import resolve_tracking_uri
 from socialmae.train import metrics
 from socialmae.train.finetune import PREDICTIONS, experiment_name, mode_dir, read_predictions
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+    pass
 
-    from socialmae.data.dataset import ShardDataset
-    from socialmae.model import SocialMAE
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ENV = "SOCIALMAE_PROJECT"
-"""Environment variable naming the project root the notebooks read (default: found from cwd)."""
-
 
 MODES = ("audio", "video", "multimodal")
+
+
 MODE_HEADINGS = {"audio": "Audio", "video": "Visual", "multimodal": "AV"}  # Table I
+
+
 MODE_NAMES = {"audio": "Audio", "video": "Visual", "multimodal": "Audiovisual"}  # Table III
+
+
 TRAIT_HEADINGS = {"openness": "Ope.", "conscientiousness": "Con.", "extraversion": "Ext.",
                   "agreeableness": "Agr.", "neuroticism": "Neu."}  # fmt: skip
+
+
 MISSING = "—"
+
+
 OURS = "this project (latest MLflow runs)"
+
 
 # The published numbers (Tables I-III of the paper); p < 1e-5 for every Social-MAE cell.
 PAPER_TABLE_I = {  # CREMA-D, F1 micro / macro: audio, visual, audiovisual
@@ -63,292 +57,28 @@ PAPER_TABLE_I = {  # CREMA-D, F1 micro / macro: audio, visual, audiovisual
     "CAV-MAE": (0.694, 0.694, 0.630, 0.635, 0.766, 0.759),
     "Social-MAE": (0.601, 0.607, 0.749, 0.755, 0.837, 0.842),
 }
+
+
 PAPER_TABLE_II = {  # First Impressions, 1 - MAE: Ope., Con., Ext., Agr., Neu., Avg.
     "NJU-LAMDA [40]": (0.912, 0.916, 0.913, 0.913, 0.910, 0.913),
     "CAV-MAE": (0.899, 0.899, 0.899, 0.902, 0.896, 0.899),
     "Social-MAE": (0.908, 0.902, 0.895, 0.907, 0.905, 0.903),
 }
+
+
 PAPER_TABLE_III = {  # NDC-ME, F1: pre-training, audio, visual, audiovisual
     "LSN-TCN [4]": ("Supervised", 0.438, 0.608, 0.590),
     "CAV-MAE": ("Self-Supervised", 0.471, 0.629, 0.766),
     "Social-MAE": ("Self-Supervised", 0.546, 0.728, 0.776),
 }
+
+
 PAPER_TABLES: dict[str, Mapping[str, tuple[Any, ...]]] = {
     "cremad": PAPER_TABLE_I, "firstimpressions": PAPER_TABLE_II, "ndcme": PAPER_TABLE_III,
 }  # fmt: skip
+
+
 PAPER_TASKS = tuple(PAPER_TABLES)
-
-
-# ------------------------------------------------------------------------------ the project
-
-
-def project_root(start: str | os.PathLike[str] | None = None) -> Path:
-    """``$SOCIALMAE_PROJECT`` if set, else the first of ``start`` (default: the working
-    directory) and its parents that holds ``dvc.yaml``."""
-    named = os.environ.get(PROJECT_ENV)
-    if named:
-        root = Path(named).expanduser().resolve()
-        if not root.is_dir():
-            raise FileNotFoundError(f"${PROJECT_ENV}={named} is not a directory")
-        return root
-    here = Path(start if start is not None else Path.cwd()).resolve()
-    for candidate in (here, *here.parents):
-        if (candidate / "dvc.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"no dvc.yaml in {here} or its parents: run from the project or set ${PROJECT_ENV}"
-    )
-
-
-def load_params(root: str | os.PathLike[str]) -> dict[str, Any]:
-    """The project's ``params.yaml`` (``{}`` when there is none)."""
-    path = Path(root) / "params.yaml"
-    return load_yaml(path) if path.is_file() else {}
-
-
-def tracking_uri(root: str | os.PathLike[str]) -> str:
-    """The MLflow store the stages logged to, as they resolve it: ``mlflow.tracking_uri`` in
-    params.yaml, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; a relative sqlite
-    path is taken relative to ``root`` (where ``dvc repro`` runs the stages)."""
-    section = load_params(root).get("mlflow") or {}
-    uri = resolve_tracking_uri(section.get("tracking_uri"))
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_absolute():
-        uri = prefix + str(Path(root).resolve() / uri[len(prefix) :])
-    return uri
-
-
-def tasks(root: str | os.PathLike[str], include_paper: bool = True) -> tuple[str, ...]:
-    """The project's ``tasks`` from params.yaml, then (optionally) the paper's other tasks."""
-    own = tuple(load_params(root).get("tasks") or ())
-    extra = tuple(t for t in PAPER_TASKS if t not in own) if include_paper else ()
-    return own + extra
-
-
-def execute_notebook(
-    path: str | os.PathLike[str],
-    root: str | os.PathLike[str],
-    timeout: int = 600,
-    kernel: str = "python3",
-) -> Any:
-    """Run a notebook top to bottom in a fresh kernel with ``root`` as working directory and
-    return the executed ``nbformat.NotebookNode`` (the file itself is left as it is).
-
-    ``python3`` is the kernel of the running interpreter. Raises
-    ``nbclient.exceptions.CellExecutionError`` naming the first failing cell.
-    """
-    import nbformat
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(notebook, timeout=timeout, kernel_name=kernel,
-                            resources={"metadata": {"path": str(root)}})  # fmt: skip
-    client.execute()
-    return notebook
-
-
-# ------------------------------------------------------------------------------ data overview
-
-
-def read_manifests(root: str | os.PathLike[str]) -> pd.DataFrame:
-    """Every ``data/raw/<dataset>/manifest.parquet`` of the project, concatenated."""
-    paths = sorted((Path(root) / RAW).glob(f"*/{MANIFEST_NAME}"))
-    frames = [read_manifest(p) for p in paths]
-    if not frames:
-        return pd.DataFrame(columns=["clip_id", "dataset", "speaker", "split", "label"])
-    return pd.concat(frames, ignore_index=True)
-
-
-def split_summary(manifest: pd.DataFrame) -> pd.DataFrame:
-    """Clips, speakers and labels per (dataset, split), splits in train/val/test order."""
-    summary = manifest.groupby(["dataset", "split"]).agg(
-        clips=("clip_id", "size"),
-        speakers=("speaker", "nunique"),
-        labels=("label", lambda labels: labels[labels != ""].nunique()),
-    )
-    order = {name: i for i, name in enumerate(SPLITS)}
-    return summary.sort_index(key=lambda idx: idx.map(lambda v: order.get(v, v)))
-
-
-def read_clips(root: str | os.PathLike[str]) -> pd.DataFrame:
-    """The per-clip table ``crop_faces`` wrote (``data/interim/faces/clips.parquet``)."""
-    return pd.read_parquet(Path(root) / FACES / CLIPS_TABLE)
-
-
-def read_validation(root: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``validate`` stage's ``metrics.json``: counts, reasons and the checks' outcomes."""
-    return json.loads((Path(root) / VALIDATION / "metrics.json").read_text())
-
-
-def quarantine_reasons(root: str | os.PathLike[str]) -> pd.DataFrame:
-    """Quarantined clips per reason (a clip with several reasons counts under each)."""
-    table = pd.read_csv(Path(root) / VALIDATION / "quarantine.csv", dtype=str).fillna("")
-    reasons = table["reason"].str.split("; ").explode()
-    reasons = reasons[reasons.fillna("") != ""]
-    counts = reasons.value_counts().rename_axis("reason").rename("clips")
-    return counts.reset_index()
-
-
-def class_balance(root: str | os.PathLike[str]) -> pd.DataFrame:
-    """Accepted clips per class: rows (dataset, split), one column per class."""
-    balance = json.loads((Path(root) / VALIDATION / "balance.json").read_text())
-    rows = {
-        (dataset, split): counts
-        for dataset, block in (balance.get("datasets") or {}).items()
-        for split, counts in (block.get("counts") or {}).items()
-    }
-    if not rows:
-        return pd.DataFrame()
-    frame = pd.DataFrame.from_dict(rows, orient="index").fillna(0).astype(int)
-    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["dataset", "split"])
-    return frame.sort_index()
-
-
-def pick_clips(clips: pd.DataFrame, limit: int = 6, split: str | None = None) -> pd.DataFrame:
-    """Up to ``limit`` clips in shards: one per (dataset, label) first, each from the speaker
-    shown least so far, so that the picks show different people; deterministic."""
-    table = clips[clips["status"] == "ok"]
-    if split is not None:
-        table = table[table["split"] == split]
-    table = table.sort_values("clip_id", kind="stable")
-    turn = table.groupby("speaker", sort=False).cumcount()  # n-th clip of its speaker
-    table = table.assign(_turn=turn).sort_values(["_turn", "speaker"], kind="stable")
-    table = table.drop(columns="_turn").reset_index(drop=True)
-    shown: dict[str, int] = {}
-    first: list[int] = []
-    for _, group in table.groupby(["dataset", "label"], sort=False):
-        index = int(group["speaker"].map(lambda s: shown.get(s, 0)).idxmin())
-        first.append(index)
-        speaker = table.at[index, "speaker"]
-        shown[speaker] = shown.get(speaker, 0) + 1
-    rest = [i for i in table.index if i not in set(first)]
-    return table.loc[first + rest].head(limit).reset_index(drop=True)
-
-
-def plot_clip_distributions(
-    clips: pd.DataFrame, thresholds: Mapping[str, float] | None = None
-) -> Figure:
-    """Histograms of duration, face detection rate and audio RMS, ok vs quarantined clips;
-    ``thresholds`` (column -> value, e.g. the ``validate`` minimums) are drawn as lines."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 3), layout="constrained")
-    axes = fig.subplots(1, 3)
-    columns = (("duration", "duration (s)"), ("detection_rate", "face detection rate"),
-               ("audio_rms_db", "audio RMS (dBFS)"))  # fmt: skip
-    for ax, (column, label) in zip(axes, columns, strict=True):
-        groups = []
-        for status in ("ok", "quarantined"):
-            values = clips.loc[clips["status"] == status, column].astype(float)
-            groups.append((status, values[np.isfinite(values)].to_numpy()))
-        present = [(s, v) for s, v in groups if v.size]
-        if present:
-            ax.hist([v for _, v in present], bins=20, stacked=True,
-                    label=[f"{s} ({v.size})" for s, v in present])  # fmt: skip
-            ax.legend(fontsize=8)
-        if thresholds and column in thresholds:
-            ax.axvline(thresholds[column], color="red", linestyle="--", linewidth=1)
-        ax.set_xlabel(label)
-        ax.set_ylabel("clips")
-    return fig
-
-
-def plot_face_grid(
-    shard_dir: str | os.PathLike[str], clips: pd.DataFrame, frames_per_clip: int = 4
-) -> Figure:
-    """One row per clip: ``frames_per_clip`` face crops spread over the clip (from its shard)
-    and the log-mel fbank of its audio (the model's audio input, before padding)."""
-    from matplotlib.figure import Figure
-
-    if clips.empty:
-        raise ValueError("no clips to show")
-    k = frames_per_clip
-    fig = Figure(figsize=(1.7 * k + 3.5, 1.9 * len(clips)), layout="constrained")
-    axes = fig.subplots(len(clips), k + 1, squeeze=False, width_ratios=[1] * k + [2])
-    readers: dict[str, ShardReader] = {}
-    try:
-        for r, row in enumerate(clips.itertuples(index=False)):
-            if row.shard not in readers:
-                readers[row.shard] = ShardReader(Path(shard_dir) / row.shard)
-            reader = readers[row.shard]
-            meta = reader.meta(row.clip_id)
-            count = int(meta["frames"])
-            for c, i in enumerate(np.linspace(0, count - 1, k).round().astype(int)):
-                ax = axes[r, c]
-                ax.imshow(reader.frame(row.clip_id, int(i)))
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.set_xlabel(f"{float(meta['times'][i]):.1f} s", fontsize=7)
-            axes[r, 0].set_ylabel(f"{row.label or row.dataset}\n{row.split}", fontsize=8)
-            axes[r, 0].set_title(row.clip_id, loc="left", fontsize=8)
-            audio = reader.audio(row.clip_id)  # [N] at 16 kHz
-            feats = fbank(audio)[: max(1, min(audio.size // 160, 1024))]  # [T, 128]
-            ax = axes[r, k]
-            ax.imshow(feats.T.numpy(), aspect="auto", origin="lower", cmap="magma")
-            ax.set_xlabel("frame (10 ms)", fontsize=7)
-            ax.set_ylabel("mel bin", fontsize=7)
-            ax.tick_params(labelsize=6)
-    finally:
-        for reader in readers.values():
-            reader.close()
-    return fig
-
-
-def plot_curves(
-    frame: pd.DataFrame, x: str, panels: Mapping[str, Sequence[str]], title: str | None = None
-) -> Figure:
-    """One panel per entry of ``panels`` (title -> columns of ``frame``) against ``x``;
-    columns ``frame`` lacks are skipped."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.2 * len(panels), 3.2), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (name, columns) in zip(axes, panels.items(), strict=True):
-        for column in columns:
-            if column in frame:
-                ax.plot(frame[x], frame[column], marker=".", label=column)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel(x)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
-# ------------------------------------------------------------------------------ Fig. 2
-
-
-def reconstruction_figures(
-    model: SocialMAE,
-    dataset: ShardDataset,
-    indices: Iterable[int],
-    directory: str | os.PathLike[str],
-    seed: int = 0,
-    mask_ratio: float = 0.75,
-) -> list[Path]:
-    """The paper's Fig. 2 (original / masked / reconstructed frames, fbank beside them) for
-    clips ``indices`` of ``dataset``, one PNG each in ``directory`` (the pretrain stage's
-    figure code, so the notebook shows what ``reconstruction.png`` shows)."""
-    from socialmae.figures import save_reconstruction_figure
-
-    paths = []
-    for n, index in enumerate(indices):
-        item = dataset[index]
-        row = dataset.table.iloc[index]
-        label = f", {row['label']}" if row["label"] else ""
-        path = Path(directory) / f"{n:02d}-{item['clip_id']}.png"
-        save_reconstruction_figure(
-            model, item["audio"][None], item["video"][None], path, seed=seed,
-            mask_ratio=mask_ratio,
-            title=f"{item['clip_id']} ({row['split']}{label}): original / masked / "
-            "reconstructed",
-        )  # fmt: skip
-        paths.append(path)
-    return paths
-
-
-# ------------------------------------------------------------------------------ MLflow runs
 
 
 @dataclass(frozen=True)
@@ -529,9 +259,6 @@ def _baseline_test(
     return None
 
 
-# ------------------------------------------------------------------------------ tables
-
-
 def format_cell(row: Mapping[str, Any] | None, digits: int = 3) -> str:
     """``value [ci_low, ci_high] p=...`` of one results row; ``—`` when it is missing."""
     if row is None or not np.isfinite(row.get("value", math.nan)):
@@ -615,9 +342,6 @@ def paper_table(results: pd.DataFrame, task: str, reference: bool = True) -> pd.
     if task == "ndcme":
         return table_iii(results, task, reference=reference)
     return table_i(results, task, reference)
-
-
-# ------------------------------------------------------------------------------ outcomes
 
 
 def confusion_table(
