@@ -453,30 +453,25 @@ def _preview(items: Sequence[Any], limit: int = 10) -> str:
     return f"[{shown}{', ...' if len(items) > limit else ''}]"
 
 
-def validate(
-    clips: pd.DataFrame,
-    manifest: pd.DataFrame,
-    thresholds: ValidationThresholds,
-    out_dir: str | os.PathLike[str],
-) -> ValidationReport:
-    """Check the clip table against ``thresholds`` with Great Expectations and write reports.
+@dataclass
+class _RowOutcome:
+    """Which rows of the clip table are accepted, and every rejected clip with its reasons."""
 
-    Never raises for data problems: the returned report says whether the stage passed
-    (see :func:`run_validate` for the raising variant).
-    """
-    out = Path(out_dir).resolve()  # GE site stores need absolute paths
-    out.mkdir(parents=True, exist_ok=True)
-    frame = _prepare(clips)
-    checks = _clip_checks(thresholds)
+    accepted_mask: np.ndarray  # [rows] bool
+    crop_quarantined: np.ndarray  # [rows] bool: quarantined by crop_faces already
+    quarantine: pd.DataFrame  # clip_id, path, reason (one row per rejected clip)
+    categories: dict[str, int]  # reason category -> rows
 
-    manifest_ids = manifest["clip_id"].astype(str)
-    clip_ids = set(frame["clip_id"].dropna().astype(str))
-    coverage = pd.DataFrame({
-        "row": np.arange(len(manifest), dtype=np.int64),
-        "clip_id": manifest_ids.to_numpy(),
-        "in_clip_table": manifest_ids.isin(clip_ids).to_numpy(),
-    })  # fmt: skip
+    def accepted(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return frame[self.accepted_mask]
 
+
+def _expectations(
+    frame: pd.DataFrame, coverage: pd.DataFrame, checks: list[_Check], out: Path
+) -> tuple[Any, Any, dict[str, Any], list[_Check]]:
+    """Run the clip suite on ``frame`` and the manifest-coverage suite on ``coverage`` with
+    Great Expectations, and build the Data Docs site in ``out``; the two suite results, every
+    check's result by key, and the coverage checks."""
     gx = _gx()
     coverage_checks = [
         _Check(
@@ -496,17 +491,11 @@ def validate(
     finally:
         if docs_tmp.exists():
             shutil.rmtree(docs_tmp)
-    by_key.update(cover_by_key)
-    gx_success = bool(clips_result.success and cover_result.success)
+    return clips_result, cover_result, {**by_key, **cover_by_key}, coverage_checks
 
-    failures: list[str] = []
-    for check in [*checks, *coverage_checks]:
-        result = by_key[check.key]
-        info = result.exception_info or {}
-        if info.get("raised_exception"):
-            failures.append(f"check {check.key} could not run: {info.get('exception_message')}")
 
-    # Row-level outcome: every rejected row with its reasons (crop_faces' first).
+def _row_outcome(frame: pd.DataFrame, checks: list[_Check], by_key: dict[str, Any]) -> _RowOutcome:
+    """Every rejected row with its reasons (crop_faces' first), grouped by clip."""
     reasons: dict[int, list[str]] = {}
     categories: dict[str, int] = {}
     crop_quarantined = (frame["status"] == "quarantined").to_numpy()
@@ -526,7 +515,6 @@ def validate(
 
     accepted_mask = (frame["status"] == "ok").to_numpy() & frame["clip_id"].notna().to_numpy()
     accepted_mask[list(reasons)] = False
-    accepted = frame[accepted_mask]
     by_clip: dict[str, tuple[str, list[str]]] = {}
     for row in np.flatnonzero(~accepted_mask):
         clip_id = frame.at[row, "clip_id"]
@@ -537,11 +525,21 @@ def validate(
         [(k, p, "; ".join(r)) for k, (p, r) in by_clip.items()],
         columns=["clip_id", "path", "reason"],
     )
-    accepted_ids = list(dict.fromkeys(accepted["clip_id"].astype(str)))
+    return _RowOutcome(accepted_mask, crop_quarantined, quarantine, categories)
 
-    # Stage-level thresholds.
+
+def _stage_checks(
+    frame: pd.DataFrame,
+    coverage: pd.DataFrame,
+    outcome: _RowOutcome,
+    by_key: dict[str, Any],
+    balance: dict[str, Any],
+    thresholds: ValidationThresholds,
+) -> tuple[dict[str, bool], list[str]]:
+    """The stage-level thresholds: ``(flag per check, failure messages)``."""
+    failures: list[str] = []
     n_clips = len(frame)
-    fraction = len(quarantine) / n_clips if n_clips else 0.0
+    fraction = len(outcome.quarantine) / n_clips if n_clips else 0.0
     flags: dict[str, bool] = {}
     flags["not_empty"] = n_clips > 0
     if not flags["not_empty"]:
@@ -549,7 +547,7 @@ def validate(
     flags["quarantine_fraction"] = fraction <= thresholds.max_quarantine_fraction
     if not flags["quarantine_fraction"]:
         failures.append(
-            f"quarantine fraction {fraction:.1%} ({len(quarantine)} of {n_clips} clips) "
+            f"quarantine fraction {fraction:.1%} ({len(outcome.quarantine)} of {n_clips} clips) "
             f"> max {thresholds.max_quarantine_fraction:.1%}"
         )
     null_ids = _failing_rows(by_key["clip_id_not_null"])
@@ -572,8 +570,6 @@ def validate(
     if missing_rows:
         ids = coverage["clip_id"].iloc[missing_rows].tolist()
         failures.append(f"{len(ids)} manifest clips missing from the clip table: {_preview(ids)}")
-
-    balance = _balance(accepted, thresholds)
     flags["class_balance"] = balance["imbalance_ratio"] <= thresholds.max_class_imbalance
     if not flags["class_balance"]:
         for name, info in balance["datasets"].items():
@@ -584,20 +580,69 @@ def validate(
                     f"{info['totals'][info['largest']]} vs {info['smallest']} "
                     f"{info['totals'][info['smallest']]} accepted clips)"
                 )
+    return flags, failures
 
+
+def _notes(
+    extra: list[str], accepted: pd.DataFrame, balance: dict[str, Any], sample_rate: int
+) -> list[str]:
+    """What is worth saying but fails nothing."""
     notes: list[str] = []
-    extra = sorted(clip_ids - set(manifest_ids))
     if extra:
         notes.append(f"{len(extra)} clips are not in the manifest: {_preview(extra)}")
     for name, info in balance["datasets"].items():
         if info["missing_classes"]:
             notes.append(f"{name} has no accepted clips of {info['missing_classes']}")
-    ok_rates = accepted["sample_rate"]
-    upsampled = int((ok_rates < thresholds.sample_rate).sum())
+    upsampled = int((accepted["sample_rate"] < sample_rate).sum())
     if upsampled:
         notes.append(f"{upsampled} accepted clips have source audio below "
-                     f"{thresholds.sample_rate} Hz (upsampled)")  # fmt: skip
+                     f"{sample_rate} Hz (upsampled)")  # fmt: skip
+    return notes
 
+
+def validate(
+    clips: pd.DataFrame,
+    manifest: pd.DataFrame,
+    thresholds: ValidationThresholds,
+    out_dir: str | os.PathLike[str],
+) -> ValidationReport:
+    """Check the clip table against ``thresholds`` with Great Expectations and write reports.
+
+    Never raises for data problems: the returned report says whether the stage passed
+    (see :func:`run_validate` for the raising variant).
+    """
+    out = Path(out_dir).resolve()  # GE site stores need absolute paths
+    out.mkdir(parents=True, exist_ok=True)
+    frame = _prepare(clips)
+    checks = _clip_checks(thresholds)
+    manifest_ids = manifest["clip_id"].astype(str)
+    clip_ids = set(frame["clip_id"].dropna().astype(str))
+    coverage = pd.DataFrame({
+        "row": np.arange(len(manifest), dtype=np.int64),
+        "clip_id": manifest_ids.to_numpy(),
+        "in_clip_table": manifest_ids.isin(clip_ids).to_numpy(),
+    })  # fmt: skip
+
+    clips_result, cover_result, by_key, coverage_checks = _expectations(
+        frame, coverage, checks, out
+    )
+    gx_success = bool(clips_result.success and cover_result.success)
+    failures = [
+        f"check {check.key} could not run: {info.get('exception_message')}"
+        for check in [*checks, *coverage_checks]
+        if (info := by_key[check.key].exception_info or {}).get("raised_exception")
+    ]
+    outcome = _row_outcome(frame, checks, by_key)
+    accepted, quarantine = outcome.accepted(frame), outcome.quarantine
+    accepted_ids = list(dict.fromkeys(accepted["clip_id"].astype(str)))
+    balance = _balance(accepted, thresholds)
+    flags, stage_failures = _stage_checks(frame, coverage, outcome, by_key, balance, thresholds)
+    failures += stage_failures
+    extra = sorted(clip_ids - set(manifest_ids))
+    notes = _notes(extra, accepted, balance, thresholds.sample_rate)
+
+    n_clips = len(frame)
+    fraction = len(quarantine) / n_clips if n_clips else 0.0
     passed = not failures
     metrics: dict[str, Any] = {
         "clips": n_clips,
@@ -605,12 +650,12 @@ def validate(
         "accepted": len(accepted_ids),
         "quarantined": len(quarantine),
         "quarantine_fraction": round(fraction, 6),
-        "quarantined_by_crop_faces": int(crop_quarantined.sum()),
-        "quarantined_by_validate": int((~accepted_mask & ~crop_quarantined).sum()),
-        "missing_from_clip_table": len(missing_rows),
+        "quarantined_by_crop_faces": int(outcome.crop_quarantined.sum()),
+        "quarantined_by_validate": int((~outcome.accepted_mask & ~outcome.crop_quarantined).sum()),
+        "missing_from_clip_table": len(_failing_rows(by_key["manifest_clips_present"])),
         "not_in_manifest": len(extra),
         "imbalance_ratio": balance["imbalance_ratio"],
-        "reasons": dict(sorted(categories.items())),
+        "reasons": dict(sorted(outcome.categories.items())),
         "success": {"passed": passed, "great_expectations": gx_success, **flags},
     }
 
