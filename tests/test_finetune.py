@@ -253,3 +253,38 @@ def test_checkpoints_resume_only_onto_the_same_init_weights(demo_shards, tmp_pat
     first, again, fresh = models
     assert all(torch.equal(again[k], fresh[k]) for k in fresh)
     assert not torch.equal(again["mlp_head.1.weight"], first["mlp_head.1.weight"])
+
+
+@pytest.mark.integration
+def test_two_process_gloo_ddp_with_modality_dropout(demo_shards, pretrained, tmp_path):
+    """torchrun with 2 CPU processes (gloo): a multimodal model trained partly on one stream
+    (some parameters unused on those steps) finishes, with the global batch over both ranks."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    values = {"init": str(pretrained), "epochs": 2, "batch": 2, "workers": 0,
+              "modality_dropout": 0.5, "optim": {"lr": 1e-3, "schedule": "constant"},
+              "bootstrap_resamples": 50, "permutations": 50}  # fmt: skip
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"finetune": values}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(os.path.dirname(__file__), "finetune_worker.py")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(port),
+        worker, str(params), str(demo_shards), str(tmp_path / "out"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # fmt: skip
+    subprocess.run(command, check=True, env=env, timeout=300)
+    single = finetune(from_mapping(FinetuneParams, values, "finetune"), "demo", demo_shards,
+                      tmp_path / "single")  # fmt: skip
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert result["steps"] * 2 == single["steps"]  # each step took a batch from both ranks
+    assert 0 <= result["test"]["f1_macro"] <= 1
+    assert SocialMAEClassifier.from_pretrained(tmp_path / "out" / "model").mode == "multimodal"
