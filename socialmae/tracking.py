@@ -168,18 +168,16 @@ class Tracker:
             found = mlflow.set_experiment(experiment)
             reap_abandoned_runs(found.experiment_id, uri)
             owner = {TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
-            if resume is not None and not _run_exists(resume, uri):
-                resume = None
-            if resume is not None:
-                with mlflow.start_run(run_id=resume) as run:
-                    mlflow.set_tags(owner)
-                    self.run_id = run.info.run_id
-                    logger.info("MLflow run %s resumed (%s)", self.run_id, redact(uri))
-                    yield self
-                return
-            with mlflow.start_run(run_name=run_name, tags={**dict(tags or {}), **owner}) as run:
+            if resume is not None and _run_exists(resume, uri):
+                start = mlflow.start_run(run_id=resume)
+                mlflow.set_tags(owner)
+                how = "resumed"
+            else:
+                start = mlflow.start_run(run_name=run_name, tags={**dict(tags or {}), **owner})
+                how = f"in {experiment}"
+            with start as run:
                 self.run_id = run.info.run_id
-                logger.info("MLflow run %s in %s (%s)", self.run_id, experiment, redact(uri))
+                logger.info("MLflow run %s %s (%s)", self.run_id, how, redact(uri))
                 yield self
 
     def log_params(self, params: Mapping[str, Any] | Any) -> None:
