@@ -87,12 +87,12 @@ def load_predictor(
     except KeyError as exc:
         raise ModelSourceError(exc.args[0]) from exc
     check_device(device)
-    path = Path(source)
-    is_pth = not is_uri(source) and not path.is_dir()
+    path, uri = Path(source), is_uri(source)
+    is_pth = not uri and not path.is_dir()
     if labels is not None and not is_pth:
         raise ModelSourceError("--labels only applies to official .pth checkpoints; saved "
                                "models record theirs")  # fmt: skip
-    if is_uri(source):
+    if uri:
         try:
             return load_registered(source, tracking_uri, device)
         except (MlflowException, OSError) as exc:

@@ -462,9 +462,6 @@ class _RowOutcome:
     quarantine: pd.DataFrame  # clip_id, path, reason (one row per rejected clip)
     categories: dict[str, int]  # reason category -> rows
 
-    def accepted(self, frame: pd.DataFrame) -> pd.DataFrame:
-        return frame[self.accepted_mask]
-
 
 def _expectations(
     frame: pd.DataFrame, coverage: pd.DataFrame, checks: list[_Check], out: Path
@@ -531,15 +528,18 @@ def _row_outcome(frame: pd.DataFrame, checks: list[_Check], by_key: dict[str, An
 def _stage_checks(
     frame: pd.DataFrame,
     coverage: pd.DataFrame,
-    outcome: _RowOutcome,
+    quarantined: int,
+    fraction: float,
+    missing_rows: list[int],
     by_key: dict[str, Any],
     balance: dict[str, Any],
     thresholds: ValidationThresholds,
 ) -> tuple[dict[str, bool], list[str]]:
-    """The stage-level thresholds: ``(flag per check, failure messages)``."""
+    """The stage-level thresholds: ``(flag per check, failure messages)``; ``quarantined``
+    clips, their ``fraction`` of the table, ``missing_rows`` of ``coverage`` (manifest clips
+    absent from the clip table)."""
     failures: list[str] = []
     n_clips = len(frame)
-    fraction = len(outcome.quarantine) / n_clips if n_clips else 0.0
     flags: dict[str, bool] = {}
     flags["not_empty"] = n_clips > 0
     if not flags["not_empty"]:
@@ -547,7 +547,7 @@ def _stage_checks(
     flags["quarantine_fraction"] = fraction <= thresholds.max_quarantine_fraction
     if not flags["quarantine_fraction"]:
         failures.append(
-            f"quarantine fraction {fraction:.1%} ({len(outcome.quarantine)} of {n_clips} clips) "
+            f"quarantine fraction {fraction:.1%} ({quarantined} of {n_clips} clips) "
             f"> max {thresholds.max_quarantine_fraction:.1%}"
         )
     null_ids = _failing_rows(by_key["clip_id_not_null"])
@@ -565,7 +565,6 @@ def _stage_checks(
         leaks = frame.iloc[leak_rows].groupby(["dataset", "speaker"])["split"].unique()
         described = [f"{d}/{s} ({', '.join(sorted(v))})" for (d, s), v in leaks.items()]
         failures.append(f"{len(described)} speakers in more than one split: {_preview(described)}")
-    missing_rows = _failing_rows(by_key["manifest_clips_present"])
     flags["manifest_covered"] = not missing_rows
     if missing_rows:
         ids = coverage["clip_id"].iloc[missing_rows].tolist()
@@ -633,16 +632,18 @@ def validate(
         if (info := by_key[check.key].exception_info or {}).get("raised_exception")
     ]
     outcome = _row_outcome(frame, checks, by_key)
-    accepted, quarantine = outcome.accepted(frame), outcome.quarantine
+    accepted, quarantine = frame[outcome.accepted_mask], outcome.quarantine
     accepted_ids = list(dict.fromkeys(accepted["clip_id"].astype(str)))
     balance = _balance(accepted, thresholds)
-    flags, stage_failures = _stage_checks(frame, coverage, outcome, by_key, balance, thresholds)
+    n_clips = len(frame)
+    fraction = len(quarantine) / n_clips if n_clips else 0.0
+    missing_rows = _failing_rows(by_key["manifest_clips_present"])
+    flags, stage_failures = _stage_checks(
+        frame, coverage, len(quarantine), fraction, missing_rows, by_key, balance, thresholds
+    )
     failures += stage_failures
     extra = sorted(clip_ids - set(manifest_ids))
     notes = _notes(extra, accepted, balance, thresholds.sample_rate)
-
-    n_clips = len(frame)
-    fraction = len(quarantine) / n_clips if n_clips else 0.0
     passed = not failures
     metrics: dict[str, Any] = {
         "clips": n_clips,
@@ -652,7 +653,7 @@ def validate(
         "quarantine_fraction": round(fraction, 6),
         "quarantined_by_crop_faces": int(outcome.crop_quarantined.sum()),
         "quarantined_by_validate": int((~outcome.accepted_mask & ~outcome.crop_quarantined).sum()),
-        "missing_from_clip_table": len(_failing_rows(by_key["manifest_clips_present"])),
+        "missing_from_clip_table": len(missing_rows),
         "not_in_manifest": len(extra),
         "imbalance_ratio": balance["imbalance_ratio"],
         "reasons": dict(sorted(outcome.categories.items())),

@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -325,6 +325,13 @@ def code_fingerprint(root: Path = PACKAGE_ROOT) -> str:
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def resume_fingerprint(settings: Mapping[str, Any], model: nn.Module) -> str:
+    """What a checkpoint must match to be resumed: ``settings`` (everything that changes the
+    trajectory), the untrained ``model`` (:func:`model_fingerprint`: call it before the first
+    step) and the code (:func:`code_fingerprint`)."""
+    return fingerprint({**settings, "start": model_fingerprint(model), "code": code_fingerprint()})
 
 
 def test_set_fingerprint(clip_ids: Iterable[str]) -> str:

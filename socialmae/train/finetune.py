@@ -50,11 +50,9 @@ from socialmae.train.engine import (
     autocast,
     autocast_dtype,
     build_optimizer,
-    code_fingerprint,
-    fingerprint,
     grad_scaler,
-    model_fingerprint,
     param_groups,
+    resume_fingerprint,
     test_set_fingerprint,
 )
 
@@ -474,7 +472,6 @@ def _finetune(
     for name, data in (("train", train_set), ("val", val_set), ("test", test_set)):
         if len(data) == 0:
             raise ValueError(f"no accepted {task.name} clips in the {name} split of {shards}")
-    start = model_fingerprint(model)  # init weights, preset, seed: what checkpoints resume onto
     model.to(ctx.device)
     sampler = GlobalBatchSampler(
         len(train_set), params.batch, ctx.rank, ctx.world_size, params.seed,
@@ -498,9 +495,9 @@ def _finetune(
     # change the trajectory
     resume_key = {k: v for k, v in asdict(params).items() if k not in ignored}
     resume_key = {**resume_key, "task": task.name, "mode": mode, "clips": len(train_set),
-                  "world_size": ctx.world_size, "start": start,
-                  "code": code_fingerprint()}  # fmt: skip
-    checkpointer = Checkpointer(checkpoints, fingerprint(resume_key), keep=1)
+                  "world_size": ctx.world_size}  # fmt: skip
+    # before the first step: the key names the starting weights (init, preset, seed)
+    checkpointer = Checkpointer(checkpoints, resume_fingerprint(resume_key, model), keep=1)
     position, history, best = Position(), [], {"epoch": -1, "value": -np.inf}
     best_dir = checkpoints / "best"  # the best epoch's weights, kept on disk only
     latest = checkpointer.latest()

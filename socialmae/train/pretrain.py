@@ -42,11 +42,9 @@ from socialmae.train.engine import (
     autocast,
     autocast_dtype,
     build_optimizer,
-    code_fingerprint,
-    fingerprint,
     grad_scaler,
-    model_fingerprint,
     param_groups,
+    resume_fingerprint,
     sample_generators,
 )
 
@@ -128,17 +126,15 @@ class _Interval:
 
 
 def _resume_fingerprint(
-    params: PretrainParams, dataset_size: int, world_size: int, start: str
+    params: PretrainParams, dataset_size: int, world_size: int, model: SocialMAE
 ) -> str:
-    """Everything that changes the trajectory (not logging or checkpoint cadence); ``start``
-    is the :func:`~socialmae.train.engine.model_fingerprint` of the untrained model; the code
-    is :func:`~socialmae.train.engine.code_fingerprint`."""
+    """Everything that changes the trajectory (not logging or checkpoint cadence), with the
+    untrained ``model`` and the code (:func:`~socialmae.train.engine.resume_fingerprint`)."""
     values = asdict(params)
     for key in ("checkpoint_every", "keep_checkpoints", "log_every", "workers", "max_steps",
                 "device", "activation_checkpointing"):  # fmt: skip
         values.pop(key)
-    return fingerprint({**values, "clips": dataset_size, "world_size": world_size, "start": start,
-                        "code": code_fingerprint()})  # fmt: skip
+    return resume_fingerprint({**values, "clips": dataset_size, "world_size": world_size}, model)
 
 
 def pretrain(
@@ -185,7 +181,6 @@ def _pretrain(
         config = config.replace(activation_checkpointing=params.activation_checkpointing)
     model = SocialMAE(config)
     init_report = initialize_from(model, params.init).summary() if params.init else "scratch"
-    start = model_fingerprint(model)
     model.to(ctx.device)
     dataset = ShardDataset(
         shards, config, split=params.split, train=True, sampling=params.sampling,
@@ -222,7 +217,7 @@ def _pretrain(
     stepper = OptimizerStep(model, optimizer, scaler, params.optim, steps_per_epoch, total_steps)
     checkpointer = Checkpointer(
         out / "checkpoints",
-        _resume_fingerprint(params, len(dataset), ctx.world_size, start),
+        _resume_fingerprint(params, len(dataset), ctx.world_size, model),
         params.keep_checkpoints,
     )
     position, history = Position(), []
