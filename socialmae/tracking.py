@@ -15,7 +15,10 @@ import os
 import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,14 @@ def task_name(task: str) -> str:
 def resolve_tracking_uri(explicit: str | None = None) -> str:
     """``explicit`` if given, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def mlflow_client(tracking_uri: str | None = None) -> tuple[MlflowClient, str]:
+    """A client of the resolved tracking URI (:func:`resolve_tracking_uri`), and that URI."""
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri), uri
 
 
 @contextlib.contextmanager
@@ -56,10 +67,9 @@ def ensure_experiment(experiment: str, tracking_uri: str | None = None) -> None:
     """Create the tracking store and ``experiment`` now, before several processes log to it at
     once (each would otherwise migrate a new sqlite store, or create the experiment, and all
     but one fail)."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    client, _ = mlflow_client(tracking_uri)
     if client.get_experiment_by_name(experiment) is None:
         with contextlib.suppress(MlflowException):  # another process created it meanwhile
             client.create_experiment(experiment)
@@ -109,9 +119,7 @@ def _alive(pid: int) -> bool:
 def reap_abandoned_runs(experiment_id: str, tracking_uri: str | None = None) -> list[str]:
     """Mark KILLED the RUNNING runs of ``experiment_id`` started on this host by processes that
     no longer exist (a kill -9 leaves them RUNNING forever); returns their ids."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    client, _ = mlflow_client(tracking_uri)
     host = socket.gethostname()
     reaped = []
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):

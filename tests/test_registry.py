@@ -29,8 +29,9 @@ from mlflow.tracking import MlflowClient
 from socialmae import registry
 from socialmae.data.dataset import ClipSampling
 from socialmae.inference import Predictor
+from socialmae.registry import locks
 from socialmae.tasks import EMOTIONS
-from socialmae.tracking import DEFAULT_TRACKING_URI
+from socialmae.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri, task_name
 from socialmae.train.engine import fingerprint
 
 BIN = Path(sys.executable).parent
@@ -159,7 +160,7 @@ def _log(classifier_dir: Path, uri: str, value: float, ids=IDS, task="demo", **k
 
 
 def _aliases(uri: str, task: str = "demo") -> dict[str, int]:
-    model = MlflowClient(uri).get_registered_model(registry.model_name(task))
+    model = MlflowClient(uri).get_registered_model(task_name(task))
     return {alias: int(version) for alias, version in model.aliases.items()}
 
 
@@ -168,10 +169,10 @@ def _aliases(uri: str, task: str = "demo") -> dict[str, int]:
 
 def test_tracking_uri_resolution(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert registry.resolve_tracking_uri() == DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+    assert resolve_tracking_uri() == DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert registry.resolve_tracking_uri() == "http://127.0.0.1:5000"
-    assert registry.resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+    assert resolve_tracking_uri() == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
 
 
 def test_provenance_helpers(tmp_path):
@@ -426,7 +427,7 @@ def test_concurrent_promotions_crown_the_best_model(tracking_uri):
     for round_ in range(3):
         scores = [0.30, 0.50, 0.40, 0.45]
         task = f"race{round_}"
-        name = registry.model_name(task)
+        name = task_name(task)
         client.create_registered_model(name)  # versions only: the gate never loads the model
         source = f"runs:/{run}/model"
         versions = [int(client.create_model_version(name, source, run).version) for _ in scores]
@@ -442,7 +443,7 @@ def test_concurrent_promotions_crown_the_best_model(tracking_uri):
             assert worker.exitcode == 0
         champion = _aliases(tracking_uri, task)["champion"]
         assert champion == versions[scores.index(max(scores))], (round_, champion, versions)
-    left = [m.name for m in client.search_registered_models() if registry.LEASE_SUFFIX in m.name]
+    left = [m.name for m in client.search_registered_models() if locks.LEASE_SUFFIX in m.name]
     assert left == []
 
 
@@ -456,17 +457,17 @@ def test_promotion_lease_waits_breaks_stale_and_gives_up(server_uri):
     """The server lease: a live holder makes others wait and then give up with a message
     naming the lease; a holder that stays unchanged past the stale limit is broken."""
     client = MlflowClient(server_uri)
-    name = registry.model_name("lease")
-    lease = name + registry.LEASE_SUFFIX
-    with registry._registry_lease(client, name):
+    name = task_name("lease")
+    lease = name + locks.LEASE_SUFFIX
+    with locks.registry_lease(client, name):
         assert client.get_registered_model(lease).tags["holder"].endswith(tuple("0123456789abcdef"))
         busy = pytest.raises(registry.PromotionBusyError, match=re.escape(lease))
-        with busy, registry._registry_lease(client, name, stale_after_s=60, wait_s=0.5):
+        with busy, locks.registry_lease(client, name, stale_after_s=60, wait_s=0.5):
             pass
     with pytest.raises(MlflowException):  # released
         client.get_registered_model(lease)
     client.create_registered_model(lease, tags={"holder": "dead-host:1:0"})  # a dead promoter
-    with registry._registry_lease(client, name, stale_after_s=0.3, wait_s=30):
+    with locks.registry_lease(client, name, stale_after_s=0.3, wait_s=30):
         assert client.get_registered_model(lease).tags["holder"] != "dead-host:1:0"
 
 
@@ -476,12 +477,12 @@ def test_sqlite_promotion_lock_gives_up_after_its_wait(tmp_path):
     the first has finished."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    name = registry.model_name("lock")
-    with registry._promotion_lock(client, uri, name):
+    name = task_name("lock")
+    with locks.promotion_lock(client, uri, name):
         busy = pytest.raises(registry.PromotionBusyError, match=re.escape(".promotion.lock"))
         started = time.monotonic()
-        with busy, registry._promotion_lock(client, uri, name, wait_s=0.5):
+        with busy, locks.promotion_lock(client, uri, name, wait_s=0.5):
             pass
         assert 0.5 <= time.monotonic() - started < 5
-    with registry._promotion_lock(client, uri, name, wait_s=0.5):  # released
+    with locks.promotion_lock(client, uri, name, wait_s=0.5):  # released
         pass
