@@ -28,8 +28,9 @@ import numpy as np
 from socialmae.data.stages import stage_crop_faces, stage_download, stage_validate
 from socialmae.params import deep_merge, from_mapping, load_yaml
 from socialmae.tasks import get_task
-from socialmae.train import metrics
-from socialmae.train.finetune import finetune_modes, mode_dir, read_predictions, with_overrides
+from socialmae.train import metrics, significance
+from socialmae.train.evaluation import read_predictions
+from socialmae.train.finetune import finetune_modes, mode_dir, with_overrides
 from socialmae.train.pretrain import PretrainParams, pretrain
 from socialmae.train.stages import accepted_clips, finetune_params
 
@@ -88,7 +89,7 @@ def run_seed(
     for mode in modes if set(inits) == set(INITS) else ():
         ids, targets, ours = read_predictions(mode_dir(work / f"pretrained-{seed}", mode), task)
         ids_b, _, theirs = read_predictions(mode_dir(work / f"scratch-{seed}", mode), task)
-        test = metrics.paired_permutation_test(
+        test = significance.paired_permutation_test(
             metrics.metric_function(task), targets, ours, theirs, 10_000, seed=seed,
             clip_ids_a=ids, clip_ids_b=ids_b,
         )  # fmt: skip

@@ -69,7 +69,7 @@ def stage_register(
     from socialmae.data.dataset import ShardDataset
     from socialmae.registry import load_registered, log_model, promote
     from socialmae.train import metrics
-    from socialmae.train.finetune import predict_dataset
+    from socialmae.train.evaluation import predict_dataset
 
     spec = get_task(task)
     params = load_params(params_path)

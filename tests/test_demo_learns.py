@@ -18,7 +18,7 @@ from socialmae.model import SocialMAEClassifier
 from socialmae.params import load_yaml
 from socialmae.tasks import get_task
 from socialmae.train import metrics
-from socialmae.train.finetune import predict_dataset
+from socialmae.train.evaluation import predict_dataset
 from socialmae.train.stages import accepted_clips, finetune_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -16,12 +16,12 @@ from socialmae.model import SocialMAE, SocialMAEClassifier, get_preset
 from socialmae.params import ParamsError, from_mapping
 from socialmae.tasks import TRAITS, TaskSpec, get_task
 from socialmae.train.engine import param_groups
+from socialmae.train.evaluation import read_predictions
 from socialmae.train.finetune import (
     FinetuneParams,
     finetune,
     finetune_modes,
     params_for_mode,
-    read_predictions,
     step_mode,
     with_overrides,
 )

@@ -16,7 +16,8 @@ from socialmae.model.social_mae import MODES
 from socialmae.params import load_yaml
 from socialmae.tasks import get_task
 from socialmae.train.engine import GlobalBatchSampler
-from socialmae.train.finetune import finetune, predict_dataset, with_overrides
+from socialmae.train.evaluation import predict_dataset
+from socialmae.train.finetune import finetune, with_overrides
 from socialmae.train.stages import finetune_params
 
 

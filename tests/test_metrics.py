@@ -10,6 +10,7 @@ import torch
 
 from socialmae.tasks import TASKS, TaskSpec, get_task
 from socialmae.train import metrics as M
+from socialmae.train import significance as S
 
 CREMAD = get_task("cremad")
 FI = get_task("firstimpressions")
@@ -238,13 +239,13 @@ def test_bootstrap_ci_contains_estimate_narrows_and_is_seeded():
     for n in (100, 2000):
         targets = rng.integers(0, 6, n)
         logits = _scores(rng, targets, 6, signal=1.5)
-        low, high = M.bootstrap_ci(M.f1_macro, targets, logits, n_resamples=500)
+        low, high = S.bootstrap_ci(M.f1_macro, targets, logits, n_resamples=500)
         assert low < M.f1_macro(targets, logits) < high
         widths.append(high - low)
     assert widths[1] < widths[0] / 3  # width ~ 1/sqrt(N): sqrt(20) = 4.5 in expectation
-    again = M.bootstrap_ci(M.f1_macro, targets, logits, n_resamples=500)
+    again = S.bootstrap_ci(M.f1_macro, targets, logits, n_resamples=500)
     assert again == (low, high)
-    assert M.bootstrap_ci(M.f1_macro, targets, logits, n_resamples=500, seed=1) != (low, high)
+    assert S.bootstrap_ci(M.f1_macro, targets, logits, n_resamples=500, seed=1) != (low, high)
 
 
 def test_bootstrap_ci_of_accuracy_matches_the_binomial_interval():
@@ -257,23 +258,23 @@ def test_bootstrap_ci_of_accuracy_matches_the_binomial_interval():
     p = correct.mean()
     half = 1.959964 * math.sqrt(p * (1 - p) / n)  # 0.040; a 90% interval would be 0.006 narrower
     fn = M.metric_function(get_task("ndcme"), "accuracy")
-    low, high = M.bootstrap_ci(fn, targets, pred, n_resamples=2000)
+    low, high = S.bootstrap_ci(fn, targets, pred, n_resamples=2000)
     assert low == pytest.approx(p - half, abs=0.003)
     assert high == pytest.approx(p + half, abs=0.003)
     # a wider confidence gives a wider interval on the same resamples
-    low99, high99 = M.bootstrap_ci(M.accuracy, targets, np.eye(3)[pred], confidence=0.99)
+    low99, high99 = S.bootstrap_ci(M.accuracy, targets, np.eye(3)[pred], confidence=0.99)
     assert low99 < low and high < high99
 
 
 def test_bootstrap_ci_bad_inputs():
     with pytest.raises(ValueError, match="same clips"):
-        M.bootstrap_ci(M.f1_macro, [0, 1, 1], np.zeros((2, 3)))
+        S.bootstrap_ci(M.f1_macro, [0, 1, 1], np.zeros((2, 3)))
     with pytest.raises(ValueError, match="confidence"):
-        M.bootstrap_ci(M.f1_macro, [0, 1], np.zeros((2, 3)), confidence=95)
+        S.bootstrap_ci(M.f1_macro, [0, 1], np.zeros((2, 3)), confidence=95)
     with pytest.raises(ValueError, match="n_resamples"):
-        M.bootstrap_ci(M.f1_macro, [0, 1], np.zeros((2, 3)), n_resamples=0)
+        S.bootstrap_ci(M.f1_macro, [0, 1], np.zeros((2, 3)), n_resamples=0)
     with pytest.raises(ValueError, match="non-finite"):
-        M.bootstrap_ci(lambda t, o: float("nan"), [0, 1], np.zeros((2, 3)))
+        S.bootstrap_ci(lambda t, o: float("nan"), [0, 1], np.zeros((2, 3)))
 
 
 # --- paired significance ---------------------------------------------------------------------
@@ -285,14 +286,14 @@ def test_clearly_better_system_gets_the_smallest_p():
     good = _scores(rng, targets, 6, signal=3.0)
     poor = _scores(rng, targets, 6, signal=0.3)
     fn = M.metric_function(CREMAD)
-    result = M.paired_permutation_test(fn, targets, good, poor, n_permutations=500)
+    result = S.paired_permutation_test(fn, targets, good, poor, n_permutations=500)
     assert result.metric_a == fn(targets, good) and result.metric_b == fn(targets, poor)
     assert result.difference == pytest.approx(result.metric_a - result.metric_b)
     assert result.difference > 0.3
     assert result.p_min == pytest.approx(1 / 501)
     assert result.p_value == result.p_min  # no random swap reached the observed gap
     # two-sided: swapping the systems changes the sign, not the p-value
-    flipped = M.paired_permutation_test(fn, targets, poor, good, n_permutations=500)
+    flipped = S.paired_permutation_test(fn, targets, poor, good, n_permutations=500)
     assert flipped.difference == pytest.approx(-result.difference)
     assert flipped.p_value == result.p_value
 
@@ -301,10 +302,10 @@ def test_identical_and_equally_good_systems_get_large_p():
     rng = np.random.default_rng(6)
     targets = rng.integers(0, 6, 300)
     a = _scores(rng, targets, 6, signal=1.0)
-    same = M.paired_permutation_test(M.f1_macro, targets, a, a.copy(), n_permutations=200)
+    same = S.paired_permutation_test(M.f1_macro, targets, a, a.copy(), n_permutations=200)
     assert same.difference == 0.0 and same.p_value == 1.0
     b = _scores(rng, targets, 6, signal=1.0)  # same quality, independent errors
-    equal = M.paired_permutation_test(M.f1_macro, targets, a, b, n_permutations=500)
+    equal = S.paired_permutation_test(M.f1_macro, targets, a, b, n_permutations=500)
     assert equal.p_value > 0.2
 
 
@@ -323,7 +324,7 @@ def test_permutation_p_value_approaches_the_exact_two_sided_one():
     one_sided = np.mean(diffs >= observed - 1e-12)
     assert 0.05 < exact < 0.5 and exact - one_sided > 0.05  # neither trivial nor saturated
     fn = M.metric_function(TaskSpec("binary", "classification", ("no", "yes")), "accuracy")
-    result = M.paired_permutation_test(fn, targets, pred_a, pred_b, n_permutations=20_000)
+    result = S.paired_permutation_test(fn, targets, pred_a, pred_b, n_permutations=20_000)
     assert result.p_value == pytest.approx(exact, abs=0.01)
 
 
@@ -331,27 +332,27 @@ def test_paired_test_checks_the_clips():
     targets = np.array([0, 1, 2])
     a, b = np.eye(3), np.eye(3)[[0, 0, 2]]
     with pytest.raises(ValueError, match="same clips"):
-        M.paired_permutation_test(M.f1_macro, targets, a, b[:2])
+        S.paired_permutation_test(M.f1_macro, targets, a, b[:2])
     with pytest.raises(ValueError, match="differ in shape"):
-        M.paired_permutation_test(M.f1_macro, targets, a, np.array([0, 0, 2]))
+        S.paired_permutation_test(M.f1_macro, targets, a, np.array([0, 0, 2]))
     with pytest.raises(ValueError, match="both systems or for neither"):
-        M.paired_permutation_test(M.f1_macro, targets, a, b, clip_ids_a=["x", "y", "z"])
+        S.paired_permutation_test(M.f1_macro, targets, a, b, clip_ids_a=["x", "y", "z"])
     with pytest.raises(ValueError, match="different order"):
-        M.paired_permutation_test(
+        S.paired_permutation_test(
             M.f1_macro, targets, a, b, clip_ids_a=["x", "y", "z"], clip_ids_b=["x", "z", "y"]
         )
     with pytest.raises(ValueError, match="different clips"):
-        M.paired_permutation_test(
+        S.paired_permutation_test(
             M.f1_macro, targets, a, b, clip_ids_a=["x", "y", "z"], clip_ids_b=["x", "y", "w"]
         )
     with pytest.raises(ValueError, match="repeats"):
-        M.paired_permutation_test(
+        S.paired_permutation_test(
             M.f1_macro, targets, a, b, clip_ids_a=["x", "x", "z"], clip_ids_b=["x", "x", "z"]
         )
     with pytest.raises(ValueError, match="n_permutations"):
-        M.paired_permutation_test(M.f1_macro, targets, a, b, n_permutations=0)
+        S.paired_permutation_test(M.f1_macro, targets, a, b, n_permutations=0)
     ids = ["x", "y", "z"]
-    ok = M.paired_permutation_test(
+    ok = S.paired_permutation_test(
         M.f1_macro, targets, a, b, n_permutations=10, clip_ids_a=ids, clip_ids_b=list(ids)
     )
     assert ok.metric_a == 1.0

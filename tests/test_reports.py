@@ -18,8 +18,8 @@ from socialmae.data.manifest import ManifestRow, write_manifest
 from socialmae.layout import RAW, VALIDATION
 from socialmae.model import SocialMAE, get_preset
 from socialmae.tasks import EMOTIONS, get_task
-from socialmae.train import metrics
-from socialmae.train.finetune import PREDICTIONS
+from socialmae.train import metrics, significance
+from socialmae.train.evaluation import PREDICTIONS
 
 DEMO = get_task("demo")
 
@@ -235,10 +235,10 @@ def test_results_have_bootstrap_cis_and_the_baseline_p_value(store):
     logits, labels = facts[facts["new"]], facts["labels"]
     macro = results.loc[("multimodal", "f1_macro")]
     assert macro["value"] == pytest.approx(0.5) and macro["run_id"] == facts["new"]
-    expected = metrics.bootstrap_ci(metrics.metric_function(DEMO, "f1_macro"), labels, logits,
+    expected = significance.bootstrap_ci(metrics.metric_function(DEMO, "f1_macro"), labels, logits,
                                     100, seed=0)  # fmt: skip
     assert (macro["ci_low"], macro["ci_high"]) == pytest.approx(expected)
-    test = metrics.paired_permutation_test(metrics.metric_function(DEMO), labels, logits,
+    test = significance.paired_permutation_test(metrics.metric_function(DEMO), labels, logits,
                                            facts["baseline"], 200, seed=0)  # fmt: skip
     assert macro["p_value"] == pytest.approx(test.p_value) and macro["p_min"] == test.p_min
     micro = results.loc[("multimodal", "f1_micro")]

@@ -20,8 +20,9 @@ import pandas as pd
 
 from socialmae.layout import FINETUNE, REGISTER
 from socialmae.tasks import TaskSpec, get_task
-from socialmae.train import metrics
-from socialmae.train.finetune import PREDICTIONS, experiment_name, mode_dir, read_predictions
+from socialmae.train import metrics, significance
+from socialmae.train.evaluation import PREDICTIONS, read_predictions
+from socialmae.train.finetune import experiment_name, mode_dir
 
 if TYPE_CHECKING:
     pass
@@ -212,7 +213,7 @@ def results_frame(
             low = high = math.nan
             if predictions is not None:
                 _, targets, outputs = predictions
-                low, high = metrics.bootstrap_ci(metrics.metric_function(spec, name), targets,
+                low, high = significance.bootstrap_ci(metrics.metric_function(spec, name), targets,
                                                  outputs, resamples, confidence, seed)  # fmt: skip
             p_value, p_min = test if name == primary and test else (math.nan, math.nan)
             rows.append({"task": run.task, "mode": run.mode, "metric": name,
@@ -239,7 +240,7 @@ def _baseline_test(
         base_ids, _, base_outputs = read_predictions(base_dir, task)
         order = {clip: i for i, clip in enumerate(base_ids)}
         if len(base_ids) == len(ids) and set(order) == set(ids):
-            result = metrics.paired_permutation_test(
+            result = significance.paired_permutation_test(
                 metrics.metric_function(task), targets, outputs,
                 base_outputs[[order[c] for c in ids]],
                 int(run.param("permutations", 10_000)), seed=int(run.param("seed", 0)),
@@ -399,19 +400,18 @@ def promotion_decision(root: str | os.PathLike[str], task: str) -> dict[str, Any
 
 def registered_versions(uri: str, task: str) -> pd.DataFrame:
     """Versions of the registered model ``socialmae-<task>``: aliases, scores, gate outcome."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from socialmae.registry import (
+    from socialmae.registry.provenance import (
         TAG_DECISION_OUTCOME,
         TAG_METRIC_NAME,
         TAG_METRIC_VALUE,
-        model_name,
     )
+    from socialmae.tracking import mlflow_client, task_name
 
     columns = ["version", "aliases", "metric", "value", "outcome", "run_id"]
-    client = MlflowClient(tracking_uri=uri)
-    name = model_name(task)
+    client, _ = mlflow_client(uri)
+    name = task_name(task)
     try:
         aliases = client.get_registered_model(name).aliases
     except MlflowException:

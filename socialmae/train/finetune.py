@@ -55,11 +55,18 @@ from socialmae.train.engine import (
     resume_fingerprint,
     test_set_fingerprint,
 )
+from socialmae.train.evaluation import (
+    PREDICTIONS,
+    compare_modes,
+    predict_dataset,
+    read_predictions,
+    save_predictions,
+    test_report,
+)
 
 logger = logging.getLogger(__name__)
 
 
-PREDICTIONS = "predictions.parquet"
 MODES_DIR = "modes"  # finetune_modes: one directory per mode
 
 
@@ -210,97 +217,6 @@ def loss_fn(task: TaskSpec, outputs: torch.Tensor, target: torch.Tensor, smoothi
     return F.cross_entropy(outputs.float(), target.float(), label_smoothing=smoothing)
 
 
-@torch.inference_mode()
-def predict_dataset(
-    model: SocialMAEClassifier,
-    dataset: ShardDataset,
-    mode: Mode,
-    batch: int,
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    workers: int = 0,
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Outputs of every clip: ids, targets ``[N, C]`` (or labels ``[N]``) and outputs
-    ``[N, C]`` (logits or trait scores)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers)
-    was_training = model.training
-    model.eval()
-    ids, targets, outputs = [], [], []
-    for item in loader:
-        with autocast(dtype, device):
-            out = model(item["audio"].to(device), item["video"].to(device), mode)
-        ids.extend(item["clip_id"])
-        targets.append(item["label"] if model.task == "classification" else item["target"])
-        outputs.append(out.float().cpu())
-    model.train(was_training)
-    return ids, torch.cat(targets).numpy(), torch.cat(outputs).numpy()
-
-
-# ----------------------------------------------------------------------------- outputs
-
-
-def _save_predictions(path: Path, task: TaskSpec, ids: list[str], targets, outputs) -> None:
-    frame = pd.DataFrame({"clip_id": ids})
-    if task.kind == "classification":
-        frame["label"] = [task.labels[i] for i in targets]
-        frame["predicted"] = [task.labels[i] for i in outputs.argmax(axis=1)]
-        prefix = "logit"
-    else:
-        for k, name in enumerate(task.labels):
-            frame[f"target/{name}"] = targets[:, k]
-        prefix = "score"
-    for k, name in enumerate(task.labels):
-        frame[f"{prefix}/{name}"] = outputs[:, k]
-    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
-
-
-def read_predictions(run_dir: str | os.PathLike[str], task: TaskSpec):
-    """A finetune output's test predictions: ids, targets, outputs (as in predict_dataset)."""
-    frame = pd.read_parquet(Path(run_dir) / PREDICTIONS)
-    if task.kind == "classification":
-        targets = frame["label"].map(task.labels.index).to_numpy()
-        outputs = frame[[f"logit/{n}" for n in task.labels]].to_numpy()
-    else:
-        targets = frame[[f"target/{n}" for n in task.labels]].to_numpy()
-        outputs = frame[[f"score/{n}" for n in task.labels]].to_numpy()
-    return frame["clip_id"].tolist(), targets, outputs
-
-
-def _test_report(
-    task: TaskSpec, ids: list[str], targets, outputs, params: FinetuneParams, out: Path, mode: Mode
-) -> dict[str, Any]:
-    scores = metrics.evaluate(task, targets, outputs)
-    primary = metrics.primary_metric(task)
-    low, high = metrics.bootstrap_ci(
-        metrics.metric_function(task), targets, outputs, params.bootstrap_resamples,
-        seed=params.seed,
-    )  # fmt: skip
-    report: dict[str, Any] = {**metrics.scalar_metrics(scores), f"{primary}_ci95": [low, high]}
-    if metrics.CONFUSION_MATRIX_KEY in scores:
-        metrics.save_confusion_matrix(
-            scores[metrics.CONFUSION_MATRIX_KEY], task.labels, out / "confusion_matrix.png",
-            title=f"{task.name} test ({mode})",
-        )  # fmt: skip
-    if params.baseline:
-        base_ids, _, base_outputs = read_predictions(params.baseline, task)
-        order = {clip: i for i, clip in enumerate(base_ids)}
-        missing = sorted(set(ids) - set(order))
-        if missing or len(base_ids) != len(ids):
-            raise ValueError(
-                f"baseline {params.baseline} was tested on other clips ({len(missing)} of ours "
-                "missing): a significance test needs the same test set"
-            )
-        base_outputs = base_outputs[[order[c] for c in ids]]
-        test = metrics.paired_permutation_test(
-            metrics.metric_function(task), targets, outputs, base_outputs,
-            params.permutations, seed=params.seed,
-        )  # fmt: skip
-        report["baseline"] = {"run": params.baseline, f"{primary}": test.metric_b,
-                              "difference": test.difference, "p_value": test.p_value,
-                              "p_min": test.p_min}  # fmt: skip
-    return report
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -392,7 +308,7 @@ def finetune_modes(
         table[mode] = {k: result[k] for k in ("best_epoch", "val", "test")}
         table["test_set"] = result["test_set"]
         predictions[mode] = read_predictions(mode_dir(out, mode), spec)
-    table["comparisons"] = _compare_modes(spec, params, predictions)
+    table["comparisons"] = compare_modes(spec, predictions, params.permutations, params.seed)
     histories = {m: pd.read_csv(mode_dir(out, m) / "history.csv") for m in params.modes}
     wide = pd.concat(
         [h.set_index("epoch").add_prefix(f"{m}_") for m, h in histories.items()], axis=1
@@ -416,28 +332,6 @@ def _finetune_job(job: tuple[Any, ...]) -> dict[str, Any]:
         params, spec, shards, out, accepted, tracking_uri=tracking_uri, mode=mode,
         checkpoints=checkpoints,
     )  # fmt: skip
-
-
-def _compare_modes(
-    task: TaskSpec,
-    params: FinetuneParams,
-    predictions: dict[str, tuple[list[str], np.ndarray, np.ndarray]],
-) -> dict[str, dict[str, float]]:
-    """Paired permutation test of the primary metric for every pair of modes (same clips)."""
-    comparisons = {}
-    modes = list(predictions)
-    for i, first in enumerate(modes):
-        for second in modes[i + 1 :]:
-            ids_a, targets, outputs_a = predictions[first]
-            ids_b, _, outputs_b = predictions[second]
-            test = metrics.paired_permutation_test(
-                metrics.metric_function(task), targets, outputs_a, outputs_b,
-                params.permutations, seed=params.seed, clip_ids_a=ids_a, clip_ids_b=ids_b,
-            )  # fmt: skip
-            comparisons[f"{first}_vs_{second}"] = {
-                "difference": test.difference, "p_value": test.p_value, "p_min": test.p_min,
-            }  # fmt: skip
-    return comparisons
 
 
 def _finetune(
@@ -599,8 +493,11 @@ def _finetune(
             ids, targets, outputs = predict_dataset(
                 model, test_set, mode, params.batch, ctx.device, dtype
             )
-            _save_predictions(out / PREDICTIONS, task, ids, targets, outputs)
-            result["test"] = _test_report(task, ids, targets, outputs, params, out, mode)
+            save_predictions(out / PREDICTIONS, task, ids, targets, outputs)
+            result["test"] = test_report(
+                task, ids, targets, outputs, out, f"{task.name} test ({mode})",
+                params.bootstrap_resamples, params.permutations, params.seed, params.baseline,
+            )  # fmt: skip
             result["test_set"] = test_set_fingerprint(ids)
             tracker.log_metrics({f"test_{k}": v for k, v in result["test"].items()
                                  if isinstance(v, float)})  # fmt: skip
