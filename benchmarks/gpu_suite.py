@@ -44,7 +44,7 @@ from pretrain_step import PEAK_BF16, count_flops
 
 from socialmae.losses import LossWeights
 from socialmae.model import SocialMAE, SocialMAEClassifier, get_preset
-from socialmae.train.engine import autocast
+from socialmae.train.engine import OptimizerStep, OptimParams, autocast
 
 # Shapes per run kind: the paper's on a GPU, tiny ones for the CPU smoke run.
 FULL = {"preset": "social-mae-base", "batches": [16, 32, 64, 128, 256, 512], "steps": 10,
@@ -67,9 +67,11 @@ def _inputs(config: Any, batch: int, device: torch.device, seed: int = 0):
     return audio.to(device), video.to(device)
 
 
-def _optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+def _stepper(
+    model: torch.nn.Module, dtype: torch.dtype | None, device: torch.device
+) -> OptimizerStep:
+    """The training loops' own optimizer step (AdamW, scaler, schedule) with default params."""
+    return OptimizerStep.build(model, OptimParams(), dtype, device)
 
 
 def _time_steps(step: Callable[[], Any], steps: int, device: torch.device) -> float:
@@ -98,16 +100,15 @@ def _pretrain_at(
     torch.manual_seed(0)
     model = SocialMAE(config).to(device).train()
     net = torch.compile(model) if compile_ else model
-    optimizer = _optimizer(model, device)
     audio, video = _inputs(config, batch, device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
+    stepper = _stepper(model, dtype, device)
 
     def step() -> None:
         with autocast(dtype, device):
             out = net(audio, video, weights=LossWeights())
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        stepper.backward(out.loss, 0, {})
+        stepper.step(0)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -149,15 +150,14 @@ def agreement_section(shapes: dict[str, Any], device: torch.device) -> dict:
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         torch.manual_seed(0)
         model = SocialMAE(config).to(device).train()
-        optimizer = _optimizer(model, device)
+        stepper = _stepper(model, dtype, device)
         losses = []
         for step in range(shapes["agreement_steps"]):
             with autocast(dtype, device):
                 out = model(audio, video, weights=LossWeights(),
                             generator=torch.Generator(device).manual_seed(step))  # fmt: skip
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            stepper.backward(out.loss, step, {})
+            stepper.step(step)
             losses.append(float(out.loss.detach()))
         curves[name] = losses
     gaps = [
@@ -172,17 +172,16 @@ def finetune_section(shapes: dict[str, Any], device: torch.device) -> dict:
     batch = shapes["batches"][min(2, len(shapes["batches"]) - 1)]
     torch.manual_seed(0)
     model = SocialMAEClassifier(config, 6).to(device).train()
-    optimizer = _optimizer(model, device)
     audio, video = _inputs(config, batch, device)
     target = torch.randint(0, 6, (batch,), device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
+    stepper = _stepper(model, dtype, device)
 
     def step() -> None:
         with autocast(dtype, device):
             loss = torch.nn.functional.cross_entropy(model(audio, video).float(), target)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        stepper.backward(loss, 0, {})
+        stepper.step(0)
 
     seconds = _time_steps(step, shapes["steps"], device)
     return {"batch": batch, "samples_per_second": round(batch / seconds, 2),
@@ -207,17 +206,16 @@ def _ddp_worker(rank: int, world: int, port: int, shapes: dict, device_type: str
         torch.manual_seed(0)
         model = SocialMAE(config).to(device).train()
         net = DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None)
-        optimizer = _optimizer(model, device)
         audio, video = _inputs(config, batch, device, seed=rank)
         gathered = gather_with_grad(torch.ones(batch, 1, device=device))
         dtype = torch.bfloat16 if device.type == "cuda" else None
+        stepper = _stepper(model, dtype, device)
 
         def step() -> None:
             with autocast(dtype, device):
                 result = net(audio, video, weights=LossWeights(), gather=gather_with_grad)
-            result.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            stepper.backward(result.loss, 0, {})
+            stepper.step(0)
 
         seconds = _time_steps(step, shapes["steps"], device)
         if rank == 0:

@@ -28,7 +28,7 @@ from pretrain_step import PEAK_BF16, count_flops
 from socialmae.losses import LossWeights
 from socialmae.model import SocialMAE, get_preset
 from socialmae.params import from_mapping
-from socialmae.train.engine import autocast, autocast_dtype
+from socialmae.train.engine import OptimizerStep, OptimParams, autocast, autocast_dtype
 from socialmae.train.pretrain import PretrainParams, pretrain
 
 
@@ -37,19 +37,18 @@ def model_step_rate(preset: str, batch: int, steps: int, device: torch.device) -
     torch.manual_seed(0)
     config = get_preset(preset)
     model = SocialMAE(config).to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     audio = torch.randn(batch, config.audio_length, config.num_mel_bins, device=device)
     video = torch.randn(batch, 3, config.num_frames, config.image_size, config.image_size,
                         device=device)  # fmt: skip
     dtype = autocast_dtype("auto", device)
     flops = count_flops(model, audio, video)
+    stepper = OptimizerStep.build(model, OptimParams(), dtype, device)  # the loops' own step
 
     def step() -> None:
         with autocast(dtype, device):
             out = model(audio, video, weights=LossWeights())
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        stepper.backward(out.loss, 0, {})
+        stepper.step(0)
 
     step()  # warm-up
     if device.type == "cuda":

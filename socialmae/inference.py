@@ -4,7 +4,7 @@
 A :class:`Predictor` holds a fine-tuned :class:`~socialmae.model.SocialMAEClassifier` and the
 preprocessing its weights expect: the model config (fbank statistics, channel order, input
 sizes), the face-crop settings and the frame/audio sampling. Each file goes through
-:func:`socialmae.data.dataset.load_clip`, exactly as in training; a file that cannot be used
+:func:`socialmae.data.load_clip`, exactly as in training; a file that cannot be used
 yields a row whose ``error`` is the :class:`~socialmae.data.errors.MediaError` reason while
 the rest of the batch is still predicted.
 
@@ -34,9 +34,10 @@ from rich.progress import Progress
 
 from socialmae.checkpoints import CheckpointError, load_checkpoint
 from socialmae.data.crop import CropParams, build_detector
-from socialmae.data.dataset import ClipSampling, load_clip
 from socialmae.data.errors import MediaError
 from socialmae.data.faces import FaceDetector
+from socialmae.data.inputs import load_clip
+from socialmae.data.sampling import ClipSampling
 from socialmae.io import atomic_write_text
 from socialmae.model.config import SocialMAEConfig
 from socialmae.model.social_mae import MODES, Mode, SocialMAEClassifier, Task

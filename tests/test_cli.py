@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from socialmae import registry
 from socialmae.checkpoints import load_checkpoint
 from socialmae.cli import app
-from socialmae.data.dataset import load_clip
+from socialmae.data.inputs import load_clip
 from socialmae.figures import save_reconstruction_figure
 from socialmae.inference import Predictor
 from socialmae.model import SocialMAE, get_preset

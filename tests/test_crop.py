@@ -16,10 +16,12 @@ from media import write_clip
 from socialmae.data import crop as crop_stage
 from socialmae.data.clips import CLIPS_TABLE
 from socialmae.data.crop import CropParams, crop_faces, process_clip
-from socialmae.data.dataset import Augment, ClipSampling, ShardDataset, load_clip
+from socialmae.data.dataset import ShardDataset
 from socialmae.data.errors import MediaError
 from socialmae.data.faces import DetectorWeightsError
+from socialmae.data.inputs import load_clip
 from socialmae.data.manifest import ManifestRow, read_manifest, write_manifest
+from socialmae.data.sampling import Augment, ClipSampling
 from socialmae.model import get_preset
 from socialmae.state_dicts import CheckpointError
 from socialmae.tasks import get_task

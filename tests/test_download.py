@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from socialmae.data.download import AuthEnv, DownloadError, download, safe_extract
+from socialmae.data.archives import safe_extract
+from socialmae.data.download import AuthEnv, DownloadError, download
 from socialmae.data.errors import MediaError
 from socialmae.params import ParamsError
 

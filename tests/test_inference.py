@@ -12,8 +12,9 @@ from media import write_clip
 
 from socialmae.checkpoints import CheckpointError
 from socialmae.data.crop import CropParams
-from socialmae.data.dataset import ClipSampling, load_clip
 from socialmae.data.errors import MediaError
+from socialmae.data.inputs import load_clip
+from socialmae.data.sampling import ClipSampling
 from socialmae.inference import (
     NEEDS,
     PREPROCESSING_NAME,

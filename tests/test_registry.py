@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from socialmae import registry
-from socialmae.data.dataset import ClipSampling
+from socialmae.data.sampling import ClipSampling
 from socialmae.inference import Predictor
 from socialmae.registry import locks
 from socialmae.tasks import EMOTIONS

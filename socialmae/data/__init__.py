@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 from socialmae.lazy import lazy_attributes
 
 _LAZY = {  # public name -> module that defines it
-    "ClipInputs": "socialmae.data.dataset",
-    "load_clip": "socialmae.data.dataset",
+    "ClipInputs": "socialmae.data.inputs",
+    "load_clip": "socialmae.data.inputs",
 }
 
 __all__ = ["ClipInputs", "load_clip"]
 
 if TYPE_CHECKING:
-    from socialmae.data.dataset import ClipInputs, load_clip
+    from socialmae.data.inputs import ClipInputs, load_clip
 
 
 __getattr__ = lazy_attributes(__name__, _LAZY)

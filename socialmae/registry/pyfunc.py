@@ -21,7 +21,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import socialmae
 from socialmae.data.crop import CropParams
-from socialmae.data.dataset import ClipSampling
+from socialmae.data.sampling import ClipSampling
 from socialmae.inference import (
     ERROR_COLUMN,
     LABEL_COLUMN,

@@ -18,8 +18,8 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from socialmae.data.crop import CropParams
-from socialmae.data.dataset import ClipSampling
 from socialmae.data.download import redact
+from socialmae.data.sampling import ClipSampling
 from socialmae.inference import (
     PATH_COLUMN,
     Predictor,

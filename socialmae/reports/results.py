@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from socialmae.layout import FINETUNE, REGISTER
+from socialmae.model.config import MODES as MODEL_MODES
 from socialmae.tasks import TaskSpec, get_task
 from socialmae.train import metrics, significance
 from socialmae.train.evaluation import PREDICTIONS, read_predictions
@@ -31,10 +32,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-MODES = ("audio", "video", "multimodal")
-
-
 MODE_HEADINGS = {"audio": "Audio", "video": "Visual", "multimodal": "AV"}  # Table I
+MODES = tuple(sorted(MODEL_MODES, key=list(MODE_HEADINGS).index))  # in the paper's column order
 
 
 MODE_NAMES = {"audio": "Audio", "video": "Visual", "multimodal": "Audiovisual"}  # Table III

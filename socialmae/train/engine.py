@@ -154,6 +154,26 @@ class OptimizerStep:
     steps_per_epoch: int
     total_steps: int
 
+    @classmethod
+    def build(
+        cls,
+        model: torch.nn.Module,
+        optim: OptimParams,
+        dtype: torch.dtype | None,
+        device: torch.device,
+        steps_per_epoch: int = 1,
+        total_steps: int = 1,
+        **groups: Any,
+    ) -> OptimizerStep:
+        """AdamW over :func:`param_groups` of ``model`` (``groups``: its head and layer-decay
+        options), a scaler for ``dtype`` and the schedule of ``optim``."""
+        optimizer = build_optimizer(
+            param_groups(model, optim.lr, optim.weight_decay, **groups), optim
+        )
+        return cls(
+            model, optimizer, grad_scaler(dtype, device), optim, steps_per_epoch, total_steps
+        )
+
     def backward(
         self, loss: torch.Tensor, step: int, parts: dict[str, torch.Tensor], micro_steps: int = 1
     ) -> None:

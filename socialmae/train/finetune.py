@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from socialmae.checkpoints import initialize_from, load_checkpoint, read_init_source
-from socialmae.data.dataset import Augment, ClipSampling, ShardDataset, fbank_statistics
+from socialmae.data.dataset import ShardDataset, fbank_statistics
+from socialmae.data.sampling import Augment, ClipSampling
 from socialmae.io import atomic_write, atomic_write_csv, atomic_write_text
 from socialmae.lifecycle import die_with_parent
 from socialmae.model import SocialMAEClassifier, get_preset
@@ -49,9 +50,6 @@ from socialmae.train.engine import (
     Report,
     autocast,
     autocast_dtype,
-    build_optimizer,
-    grad_scaler,
-    param_groups,
     resume_fingerprint,
     test_set_fingerprint,
 )
@@ -377,14 +375,12 @@ def _finetune(
     )  # fmt: skip
     steps_per_epoch = len(sampler)
     total_steps = params.epochs * steps_per_epoch
-    groups = param_groups(
-        model, params.optim.lr, params.optim.weight_decay, head_prefix="mlp_head.",
-        head_lr=params.head_lr, layer_decay=params.layer_decay,
-    )  # fmt: skip
-    optimizer = build_optimizer(groups, params.optim)
     dtype = autocast_dtype(params.precision, ctx.device)
-    scaler = grad_scaler(dtype, ctx.device)
-    stepper = OptimizerStep(model, optimizer, scaler, params.optim, steps_per_epoch, total_steps)
+    stepper = OptimizerStep.build(
+        model, params.optim, dtype, ctx.device, steps_per_epoch, total_steps,
+        head_prefix="mlp_head.", head_lr=params.head_lr, layer_decay=params.layer_decay,
+    )  # fmt: skip
+    optimizer, scaler = stepper.optimizer, stepper.scaler
     ignored = ("workers", "device", "cache", "modes", "activation_checkpointing")  # they do not
     # change the trajectory
     resume_key = {k: v for k, v in asdict(params).items() if k not in ignored}

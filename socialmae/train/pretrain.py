@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from socialmae.checkpoints import initialize_from
-from socialmae.data.dataset import ClipSampling, ShardDataset, fbank_statistics
+from socialmae.data.dataset import ShardDataset, fbank_statistics
 from socialmae.data.manifest import SPLITS
+from socialmae.data.sampling import ClipSampling
 from socialmae.io import atomic_write_csv, atomic_write_text
 from socialmae.losses import LossWeights, masked_reconstruction_loss, normalize_patches
 from socialmae.model import SocialMAE, get_preset
@@ -41,9 +42,6 @@ from socialmae.train.engine import (
     Precision,
     autocast,
     autocast_dtype,
-    build_optimizer,
-    grad_scaler,
-    param_groups,
     resume_fingerprint,
     sample_generators,
 )
@@ -210,11 +208,11 @@ def _pretrain(
     if params.max_steps is not None:
         total_steps = min(total_steps, params.max_steps)
 
-    groups = param_groups(model, params.optim.lr, params.optim.weight_decay)
-    optimizer = build_optimizer(groups, params.optim)
     dtype = autocast_dtype(params.precision, ctx.device)
-    scaler = grad_scaler(dtype, ctx.device)
-    stepper = OptimizerStep(model, optimizer, scaler, params.optim, steps_per_epoch, total_steps)
+    stepper = OptimizerStep.build(
+        model, params.optim, dtype, ctx.device, steps_per_epoch, total_steps
+    )
+    optimizer, scaler = stepper.optimizer, stepper.scaler
     checkpointer = Checkpointer(
         out / "checkpoints",
         _resume_fingerprint(params, len(dataset), ctx.world_size, model),

@@ -226,11 +226,11 @@ def stage_tune(
     out = out if out is not None else TUNE / task
     study = _study(params_path, task, shards, validation, out)
     if not study.enabled:  # finetune@task then uses its params as they are
-        from socialmae.train.tune import STUDY_DIR
+        from socialmae.train.tune import STUDY_DIR, write_best_params
 
         (out / STUDY_DIR).mkdir(parents=True, exist_ok=True)  # the stage's output, kept as is
         payload = {"params": {}, "skipped": "tune.enabled is false"}
-        atomic_write_text(out / BEST_PARAMS, json.dumps(payload, indent=2) + "\n")
+        write_best_params(out, payload)
         return payload
     out.mkdir(parents=True, exist_ok=True)
     result = run_study(

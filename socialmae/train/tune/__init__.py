@@ -41,15 +41,14 @@ from socialmae.train.tune.storage import (
     resolve_storage,
 )
 from socialmae.train.tune.study import (
-    BEST_PARAMS,
     TRIALS_TABLE,
     Objective,
     run_study,
     run_worker,
+    write_best_params,
 )
 
 __all__ = [
-    "BEST_PARAMS",
     "STORAGE_ENV",
     "STUDY_DIR",
     "TRIALS_TABLE",
@@ -69,4 +68,5 @@ __all__ = [
     "run_study",
     "run_worker",
     "suggest",
+    "write_best_params",
 ]

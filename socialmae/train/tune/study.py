@@ -10,7 +10,7 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from socialmae.data.download import redact
 from socialmae.io import atomic_write, atomic_write_text
-from socialmae.layout import BEST_PARAMS as BEST_PARAMS  # re-exported by the package
+from socialmae.layout import BEST_PARAMS
 from socialmae.train.engine import Report
 from socialmae.train.tune.settings import TuneParams, TuneResult, load_tune
 from socialmae.train.tune.space import SearchSpace, TuneError, suggest
@@ -219,9 +219,7 @@ def _finish(
             "params": best.params,
             "n_trials": counts,
         }
-        best_path = atomic_write_text(
-            out / BEST_PARAMS, json.dumps(payload, indent=2, sort_keys=True) + "\n"
-        )
+        best_path = write_best_params(out, payload)
     log.info(
         "study %r: best %s %.6g at trial %d with %s (%s)",
         study.study_name,
@@ -326,4 +324,11 @@ def run_worker(
         tracking_uri=tracking_uri,
         worker=worker,
         poll_s=poll_s,
+    )
+
+
+def write_best_params(out: Path, payload: Mapping[str, Any]) -> Path:
+    """Write ``out/best_params.json``, the tuning result ``finetune@task`` reads."""
+    return atomic_write_text(
+        out / BEST_PARAMS, json.dumps(payload, indent=2, sort_keys=True) + "\n"
     )
