@@ -11,7 +11,14 @@ from socialmae.data.decode import decode_audio, iter_frames, probe
 from socialmae.data.errors import MediaError
 from socialmae.data.face_tracks import smooth_square_boxes, square_crop, track_main_face
 from socialmae.data.features import fbank, frames_to_video, rms_db
-from socialmae.data.shards import ShardReader, ShardSample, encode_jpeg, write_shard
+from socialmae.data.shards import (
+    ShardReader,
+    ShardSample,
+    decode_jpeg,
+    decode_sample,
+    encode_jpeg,
+    write_shard,
+)
 
 
 @pytest.mark.parametrize("suffix", sorted(CODECS))
@@ -165,3 +172,51 @@ def test_shards_round_trip(tmp_path):
     (tmp_path / "broken.tar").write_bytes(b"x" * 700)
     with pytest.raises(MediaError, match=r"broken\.tar"):
         ShardReader(tmp_path / "broken.tar")
+
+
+def test_webdataset_reads_one_whole_sample_per_clip(tmp_path):
+    """The shards are WebDataset shards: the library yields exactly one sample per clip, with
+    every member, equal to what our random-access reader returns."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(1)
+    samples = [
+        ShardSample(
+            meta={"clip_id": f"id.{k}/x", "times": [0.0, 0.25, 0.5], "label": "fear"},
+            audio=rng.uniform(-0.5, 0.5, 8_000 + 100 * k).astype(np.float32),
+            frames=[encode_jpeg(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in "abc"],
+        )
+        for k in range(4)
+    ]
+    path = tmp_path / "shard-00000.tar"
+    write_shard(path, samples)
+    reader = ShardReader(path)
+    read = list(wds.WebDataset(str(path), shardshuffle=False))
+    assert len(read) == len(samples) == len(reader)
+    for raw in read:
+        assert {k for k in raw if not k.startswith("__")} == {"json", "wav", "frames.mp"}
+        sample = decode_sample(raw, raw["__url__"])
+        ours = reader.sample(sample.meta["clip_id"])
+        assert sample.meta == ours.meta and sample.frames == ours.frames
+        np.testing.assert_array_equal(sample.audio, ours.audio)
+        first = reader.frame(sample.meta["clip_id"], 0)
+        np.testing.assert_array_equal(first, decode_jpeg(sample.frames[0]))
+    # its own decoders understand every member without ours
+    decoded = next(iter(wds.WebDataset(str(path), shardshuffle=False).decode()))
+    assert decoded["json"]["clip_id"] == "id.0/x" and len(decoded["frames.mp"]) == 3
+
+
+def test_a_sample_missing_a_member_is_named(tmp_path):
+    import tarfile
+
+    path = tmp_path / "shard-00000.tar"
+    write_shard(path, [ShardSample({"clip_id": "a"}, np.zeros(800, np.float32), [b"x"])])
+    broken = tmp_path / "broken.tar"
+    with tarfile.open(path) as src, tarfile.open(broken, "w") as dst:
+        for info in src:
+            if not info.name.endswith(".wav"):
+                dst.addfile(info, src.extractfile(info))
+    with pytest.raises(MediaError, match=r"broken\.tar.*000000.*lacks wav"):
+        ShardReader(broken)
+    with pytest.raises(MediaError, match="sample without wav"):
+        decode_sample({"json": b"{}", "frames.mp": b"\x90"}, "s")

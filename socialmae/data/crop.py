@@ -16,11 +16,11 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -31,9 +31,9 @@ from socialmae.data.clips import CLIP_COLUMNS, CLIPS_TABLE, ClipRecord
 from socialmae.data.decode import SAMPLE_RATE, MediaInfo, decode_audio, iter_frames, probe
 from socialmae.data.errors import MediaError
 from socialmae.data.face_tracks import smooth_square_boxes, square_crop, track_main_face
-from socialmae.data.faces import Backbone, FaceDetector
+from socialmae.data.faces import Backbone, Face, FaceDetector
 from socialmae.data.features import rms_db
-from socialmae.data.shards import ShardSample, encode_jpeg, write_shard
+from socialmae.data.shards import SHARD_FORMAT, ShardSample, encode_jpeg, write_shard
 from socialmae.io import atomic_write, atomic_write_text
 from socialmae.lifecycle import die_with_parent
 from socialmae.params import check_device
@@ -59,8 +59,11 @@ class CropParams:
     detector_batch: int = 8
     jpeg_quality: int = 90
     clips_per_shard: int = 64
-    workers: int = 2
-    device: str = "cpu"
+    workers: int = 2  # local: processes; ray on CPUs: detector actors
+    device: str = "cpu"  # the detector's; cuda: one per GPU (ray: actors_per_gpu share one)
+    engine: Literal["local", "ray"] = "local"  # who does the work; the output is the same
+    ray_address: str | None = None  # ray: null starts Ray here; "auto", "ray://head:10001"
+    actors_per_gpu: int = 1  # ray: detector actors sharing one GPU
 
     def __post_init__(self) -> None:
         checks = {
@@ -76,6 +79,8 @@ class CropParams:
             "jpeg_quality": 1 <= self.jpeg_quality <= 100,
             "clips_per_shard": self.clips_per_shard >= 1,
             "workers": self.workers >= 1,
+            "engine": self.engine in ("local", "ray"),
+            "actors_per_gpu": self.actors_per_gpu >= 1,
         }
         check_device(self.device)
         bad = [name for name, ok in checks.items() if not ok]
@@ -94,6 +99,7 @@ def build_detector(params: CropParams) -> FaceDetector:
         backbone=params.detector_backbone,  # type: ignore[arg-type]
         max_size=params.detector_max_size,
         confidence=params.detector_confidence,
+        batch_size=params.detector_batch,
         device=params.device,
     )
 
@@ -126,19 +132,22 @@ class FaceTrack:
         }
 
 
-def face_track(
-    path: str | os.PathLike[str],
-    params: CropParams,
-    detector: FaceDetector,
-    need_audio: bool = True,
-) -> FaceTrack:
-    """Decode ``path`` once (frames at ``params.frame_rate``, the audio), detect faces in
-    batches, track the main face, smooth its box and crop it.
+@dataclass
+class DecodedClip:
+    """A media file decoded for cropping: the frames sampled at ``frame_rate`` and the voice."""
 
-    Without ``need_audio`` (a caller that uses the face alone) a file without audio gets
-    silence. Raises :class:`MediaError` naming the file and the reason it cannot be used;
-    any other exception is a bug and propagates.
-    """
+    path: str
+    info: MediaInfo
+    times: list[float]  # [N] seconds of the sampled frames
+    images: list[np.ndarray]  # [N] RGB uint8 [H, W, 3], at most max_side
+    audio: np.ndarray | None  # [samples] float32 16 kHz mono; None: the file has no voice
+
+
+def decode_clip(
+    path: str | os.PathLike[str], params: CropParams, need_audio: bool = True
+) -> DecodedClip:
+    """Decode ``path`` once: frames at ``params.frame_rate`` (only those are converted), and the
+    audio. Raises :class:`MediaError` naming the file and the reason it cannot be used."""
     path = str(path)
     info = probe(path)
     if not info.has_video:
@@ -146,18 +155,31 @@ def face_track(
     if not info.has_audio and need_audio:
         raise MediaError(path, "no audio stream")
     audio = decode_audio(path, SAMPLE_RATE, params.max_seconds) if info.has_audio else None
-
     times: list[float] = []
     images: list[np.ndarray] = []  # small: frame_rate x max_seconds frames of <= max_side
-    detections: list[list[Any]] = []
-    frames = iter_frames(path, params.frame_rate, params.max_side, params.max_seconds)
-    for batch in _batches(frames, params.detector_batch):
-        batch_images = [image for _, image in batch]
-        detections.extend(detector.detect(batch_images))
-        times.extend(t for t, _ in batch)
-        images.extend(batch_images)
-    frame_size = (images[-1].shape[1], images[-1].shape[0]) if images else (0, 0)
+    for time_s, image in iter_frames(path, params.frame_rate, params.max_side, params.max_seconds):
+        times.append(time_s)
+        images.append(image)
+    return DecodedClip(path, info, times, images, audio)
 
+
+def detect_clip(clip: DecodedClip, detector: FaceDetector, batch: int) -> list[list[Face]]:
+    """Faces in each of ``clip``'s frames, detected ``batch`` frames at a time.
+
+    Batches never mix clips: the detector's numbers depend (in the last bits) on what shares
+    its batch, and the crops must not depend on how the stage spreads its work."""
+    detections: list[list[Face]] = []
+    for start in range(0, len(clip.images), batch):
+        detections.extend(detector.detect(clip.images[start : start + batch]))
+    return detections
+
+
+def finish_track(clip: DecodedClip, detections: list[list[Face]], params: CropParams) -> FaceTrack:
+    """Track the main face over ``clip``'s detections, smooth its box and crop it.
+
+    Raises :class:`MediaError` (too short, no face) naming the file."""
+    path, info, times, images, audio = clip.path, clip.info, clip.times, clip.images, clip.audio
+    frame_size = (images[-1].shape[1], images[-1].shape[0]) if images else (0, 0)
     video_seconds = times[-1] + 1.0 / params.frame_rate
     if audio is None:  # a silent file, allowed when the caller does not need the voice
         audio = np.zeros(round(video_seconds * SAMPLE_RATE), dtype=np.float32)
@@ -185,17 +207,22 @@ def face_track(
     )  # fmt: skip
 
 
-def _batches(
-    frames: Iterator[tuple[float, np.ndarray]], size: int
-) -> Iterator[list[tuple[float, np.ndarray]]]:
-    batch: list[tuple[float, np.ndarray]] = []
-    for item in frames:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def face_track(
+    path: str | os.PathLike[str],
+    params: CropParams,
+    detector: FaceDetector,
+    need_audio: bool = True,
+) -> FaceTrack:
+    """Decode ``path`` once (frames at ``params.frame_rate``, the audio), detect faces in
+    batches, track the main face, smooth its box and crop it: :func:`decode_clip`, then
+    :func:`detect_clip`, then :func:`finish_track`.
+
+    Without ``need_audio`` (a caller that uses the face alone) a file without audio gets
+    silence. Raises :class:`MediaError` naming the file and the reason it cannot be used;
+    any other exception is a bug and propagates.
+    """
+    clip = decode_clip(path, params, need_audio)
+    return finish_track(clip, detect_clip(clip, detector, params.detector_batch), params)
 
 
 _DETECTOR: FaceDetector | None = None  # the stage's worker processes build theirs once
@@ -208,15 +235,9 @@ def _stage_detector(params: CropParams) -> FaceDetector:
     return _DETECTOR
 
 
-def process_clip(row: dict[str, Any], params: CropParams) -> tuple[ClipRecord, ShardSample | None]:
-    """The crop stage's work on one manifest row: :func:`face_track`, then the clip table
-    record and the shard sample.
-
-    Returns ``(record, sample)``, or ``(record, None)`` with ``status="quarantined"`` and the
-    reason when the clip cannot be used: any failure, even an unexpected one, quarantines the
-    clip and the stage goes on.
-    """
-    record = ClipRecord(
+def clip_record(row: Mapping[str, Any]) -> ClipRecord:
+    """The clip table record of a manifest row, quarantined until :func:`accept` says ok."""
+    return ClipRecord(
         clip_id=str(row["clip_id"]),
         dataset=str(row["dataset"]),
         speaker=str(row["speaker"]),
@@ -226,20 +247,24 @@ def process_clip(row: dict[str, Any], params: CropParams) -> tuple[ClipRecord, S
         path=str(row["abs_path"]),
         status="quarantined",
     )
-    detector = _stage_detector(params)  # unusable weights stop the stage: not a clip's fault
-    try:
-        track = face_track(record.path, params, detector)
-    except MediaError as exc:
-        _describe_media(record)
+
+
+def quarantine(record: ClipRecord, exc: BaseException) -> ClipRecord:
+    """``record`` quarantined for ``exc``: a :class:`MediaError`'s reason and facts, or an
+    unexpected failure (logged with its traceback: a clip must never take the stage down)."""
+    _describe_media(record)
+    if isinstance(exc, MediaError):
         for name, value in exc.facts.items():
             setattr(record, name, value)
         record.reason = exc.reason
-        return record, None
-    except Exception as exc:  # a clip must never take the stage down
-        logger.exception("%s: unexpected failure", record.path)
-        _describe_media(record)
+    else:
+        logger.error("%s: unexpected failure", record.path, exc_info=exc)
         record.reason = f"unexpected failure: {type(exc).__name__}: {exc}"
-        return record, None
+    return record
+
+
+def accept(record: ClipRecord, track: FaceTrack) -> tuple[ClipRecord, ShardSample]:
+    """``record`` filled from ``track`` (status ok), and the clip's shard sample."""
     info = track.info
     record.fps, record.width, record.height = info.fps, info.width, info.height
     record.sample_rate, record.channels = info.sample_rate, info.channels
@@ -255,6 +280,25 @@ def process_clip(row: dict[str, Any], params: CropParams) -> tuple[ClipRecord, S
         targets=json.loads(record.targets),
     )  # fmt: skip
     return record, ShardSample(meta=meta, audio=track.audio, frames=track.crops)
+
+
+def process_clip(
+    row: Mapping[str, Any], params: CropParams
+) -> tuple[ClipRecord, ShardSample | None]:
+    """The crop stage's work on one manifest row in one process: :func:`face_track`, then the
+    clip table record and the shard sample.
+
+    Returns ``(record, sample)``, or ``(record, None)`` with ``status="quarantined"`` and the
+    reason when the clip cannot be used: any failure, even an unexpected one, quarantines the
+    clip and the stage goes on.
+    """
+    record = clip_record(row)
+    detector = _stage_detector(params)  # unusable weights stop the stage: not a clip's fault
+    try:
+        track = face_track(record.path, params, detector)
+    except Exception as exc:  # a clip must never take the stage down
+        return quarantine(record, exc), None
+    return accept(record, track)
 
 
 def _describe_media(record: ClipRecord) -> None:
@@ -277,16 +321,17 @@ def _worker_init(params: CropParams) -> None:
     _stage_detector(params)
 
 
-_UNSIGNED_PARAMS = ("workers",)  # how the work is spread, not what it produces
+# how the work is spread, not what it produces
+_UNSIGNED_PARAMS = ("workers", "engine", "ray_address", "actors_per_gpu")
 
 
 def _signature(rows: pd.DataFrame, params: CropParams) -> str:
-    """What a shard was made from: the params that shape the output and each clip's id, path
-    (:func:`portable_path`) and content. The content, not the modification time: the marker
-    lives in the tracked output, so a source rewritten with the same bytes must leave it
-    unchanged."""
+    """What a shard was made from: the shard format, the params that shape the output and each
+    clip's id, path (:func:`portable_path`) and content. The content, not the modification
+    time: the marker lives in the tracked output, so a source rewritten with the same bytes
+    must leave it unchanged."""
     settings = {k: v for k, v in asdict(params).items() if k not in _UNSIGNED_PARAMS}
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({**settings, "format": SHARD_FORMAT}, sort_keys=True).encode())
     for clip_id, path in zip(rows["clip_id"], rows["abs_path"], strict=True):
         h.update(f"{clip_id}\0{portable_path(path)}\0{_file_digest(path)}\n".encode())
     return h.hexdigest()
@@ -301,11 +346,69 @@ def _file_digest(path: str) -> str:
         return "missing"
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """One output shard to make: its name, its manifest rows (in output order), its signature."""
+
+    name: str  # shard-NNNNN
+    rows: list[dict[str, Any]]
+    signature: str
+
+
+ClipResult = tuple[ClipRecord, ShardSample | None]  # what process_clip returns
+ShardResults = Iterator[tuple[ShardJob, list[ClipResult]]]  # each finished shard, rows in order
+Engine = Callable[[list[ShardJob], CropParams, Callable[[int], None]], ShardResults]
+
+
+def local_engine(
+    jobs: list[ShardJob], params: CropParams, advance: Callable[[int], None]
+) -> ShardResults:
+    """Shards one after the other, their clips spread over ``params.workers`` processes (each
+    with its own detector); yields each shard's results in row order when it is done."""
+    pool = None
+    if params.workers > 1 and sum(len(job.rows) for job in jobs) > 1:
+        pool = ProcessPoolExecutor(
+            max_workers=params.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(params,),
+        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers: the detector's numbers must not depend on it
+    try:
+        for job in jobs:
+            if pool is None:
+                results = (process_clip(row, params) for row in job.rows)
+            else:
+                results = pool.map(process_clip, job.rows, [params] * len(job.rows))
+            done = []
+            for result in results:
+                done.append(result)
+                advance(1)
+            yield job, done
+    finally:
+        torch.set_num_threads(threads)
+        if pool is not None:
+            pool.shutdown()
+
+
+def _engine(params: CropParams) -> Engine:
+    if params.engine == "ray":
+        from socialmae.data.ray_crop import ray_engine
+
+        return ray_engine
+    return local_engine
+
+
 def crop_faces(manifest: pd.DataFrame, out_dir: str | os.PathLike[str], params: CropParams) -> dict:
     """Run face cropping over a manifest (``read_manifest`` output, several datasets allowed).
 
-    Writes ``out_dir/shard-NNNNN.tar`` (+ ``.parquet`` per-shard table and ``.json`` commit
+    Writes ``out_dir/shard-NNNNN.tar`` (+ ``.parquet`` per-shard table and ``.json`` completion
     marker), ``out_dir/clips.parquet`` (every clip, ok or quarantined) and returns metrics.
+    Shards are the unit of work and of resume: their names follow from the sorted manifest,
+    and a shard whose marker holds the same signature is not made again. ``params.engine``
+    says who does the work (this machine's processes, or a Ray cluster); the output is the
+    same byte for byte.
 
     Raises:
         DetectorWeightsError: the detector's weights cannot be used (before any clip is read).
@@ -318,54 +421,25 @@ def crop_faces(manifest: pd.DataFrame, out_dir: str | os.PathLike[str], params: 
         for i in range(0, len(rows), params.clips_per_shard)
     ]
     start = time.perf_counter()
-    _stage_detector(params)  # weights checked (and converted or downloaded) once, up front
-    pool = None
-    if params.workers > 1 and len(rows) > 1:
-        pool = ProcessPoolExecutor(
-            max_workers=params.workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(params,),
-        )
-    skipped = processed = 0
-    try:
+    # weights checked (and converted or downloaded) once, up front, here
+    _stage_detector(replace(params, device="cpu") if params.engine == "ray" else params)
+    jobs, skipped = [], 0
+    for number, chunk in enumerate(chunks):
+        name = f"shard-{number:05d}"
+        signature = _signature(chunk, params)
+        if _is_done(out, name, signature):
+            skipped += len(chunk)
+            continue
+        jobs.append(ShardJob(name, chunk.to_dict("records"), signature))
+    processed = 0
+    if jobs:
         with Progress(transient=True) as progress:
-            task = progress.add_task("cropping faces", total=len(rows))
-            for number, chunk in enumerate(chunks):
-                name = f"shard-{number:05d}"
-                marker = out / f"{name}.json"
-                signature = _signature(chunk, params)
-                if (
-                    marker.is_file()
-                    and json.loads(marker.read_text()).get("signature") == signature
-                    and (out / f"{name}.parquet").is_file()
-                ):
-                    skipped += len(chunk)
-                    progress.advance(task, len(chunk))
-                    continue
-                records_in = chunk.to_dict("records")
-                if pool is None:
-                    results = (process_clip(r, params) for r in records_in)
-                else:
-                    results = pool.map(process_clip, records_in, [params] * len(records_in))
-                records, samples = [], []
-                for record, sample in results:
-                    records.append(record)
-                    if sample is not None:
-                        sample.meta["shard"] = f"{name}.tar"
-                        record.shard = f"{name}.tar"
-                        samples.append(sample)
-                    progress.advance(task)
-                write_shard(out / f"{name}.tar", samples)
-                _write_table(records, out / f"{name}.parquet")
-                marker_text = json.dumps({"signature": signature, "clips": len(records)}) + "\n"
-                atomic_write_text(marker, marker_text)
-                processed += len(records)
-                logger.info("crop_faces: %s done (%d of %d clips)", name,
+            task = progress.add_task("cropping faces", total=len(rows), completed=skipped)
+            for job, results in _engine(params)(jobs, params, lambda n: progress.advance(task, n)):
+                _commit_shard(out, job, results)
+                processed += len(results)
+                logger.info("crop_faces: %s done (%d of %d clips)", job.name,
                             processed + skipped, len(rows))  # fmt: skip
-    finally:
-        if pool is not None:
-            pool.shutdown()
     for stale in out.glob("shard-*.*"):
         if int(stale.name[6:11]) >= len(chunks):
             stale.unlink()
@@ -387,11 +461,36 @@ def crop_faces(manifest: pd.DataFrame, out_dir: str | os.PathLike[str], params: 
         "seconds": round(seconds, 2),
         "clips_per_second": round(processed / seconds, 3) if processed and seconds else 0.0,
         "shards": len(chunks),
+        "engine": params.engine,
     }
     for clip_id, reason in zip(table["clip_id"], table["reason"], strict=True):
         if reason:
             logger.warning("quarantined %s: %s", clip_id, reason)
     return metrics
+
+
+def _is_done(out: Path, name: str, signature: str) -> bool:
+    """Shard ``name`` is complete (its marker, written last, holds ``signature``)."""
+    marker = out / f"{name}.json"
+    try:
+        done = json.loads(marker.read_text()).get("signature") == signature
+    except (OSError, ValueError):
+        return False
+    return done and (out / f"{name}.parquet").is_file() and (out / f"{name}.tar").is_file()
+
+
+def _commit_shard(out: Path, job: ShardJob, results: list[ClipResult]) -> None:
+    """Write a finished shard: the tar, its clip table, then its completion marker."""
+    records, samples = [], []
+    for record, sample in results:
+        records.append(record)
+        if sample is not None:
+            sample.meta["shard"] = record.shard = f"{job.name}.tar"
+            samples.append(sample)
+    write_shard(out / f"{job.name}.tar", samples)
+    _write_table(records, out / f"{job.name}.parquet")
+    marker = json.dumps({"signature": job.signature, "clips": len(records)}) + "\n"
+    atomic_write_text(out / f"{job.name}.json", marker)
 
 
 def _write_table(records: list[ClipRecord], path: Path) -> None:

@@ -1,8 +1,14 @@
-"""Training-ready shards: uncompressed tar files holding, per clip, face frames (JPEG), 16 kHz
-audio (16-bit WAV) and metadata (JSON), WebDataset-style (one directory-like key per clip).
+"""Training-ready shards in the WebDataset format: uncompressed tar files in which each clip is
+one sample, its members sharing one key (``000012``):
 
-A modest number of shard files keeps DVC fast; an uncompressed tar allows random access by
-member offset, so a dataset can read any clip without unpacking.
+* ``<key>.json``: metadata (clip id, dataset, split, label, targets, frame times, boxes, ...),
+* ``<key>.wav``: the voice, 16 kHz mono 16-bit PCM,
+* ``<key>.frames.mp``: the face crops, a MessagePack list of JPEG images in time order.
+
+``webdataset.WebDataset(url)`` (or ``wids``) reads one sample per clip, and
+:func:`decode_sample` turns its raw members into a :class:`ShardSample`. :class:`ShardReader`
+gives random access by tar member offset (evaluation, index-based training) without unpacking.
+A modest number of shard files keeps DVC fast.
 """
 
 from __future__ import annotations
@@ -13,11 +19,12 @@ import os
 import tarfile
 import tempfile
 import wave
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 from PIL import Image
 
@@ -65,6 +72,26 @@ def decode_wav(data: bytes) -> np.ndarray:
     return pcm.astype(np.float32) / 32767.0
 
 
+SHARD_FORMAT = 2  # 1: a directory per clip, a member per frame; 2: one WebDataset sample
+META, AUDIO, FRAMES = "json", "wav", "frames.mp"  # a sample's members, by extension
+MEMBERS = (META, AUDIO, FRAMES)
+
+
+def sample_key(position: int) -> str:
+    """The key of the sample at ``position`` in its shard (no dot: WebDataset splits the key
+    from the extension at the first dot of the member's base name)."""
+    return f"{position:06d}"
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """``(key, extension)`` of a member name, as WebDataset splits it."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, extension = base.partition(".")
+    if not stem or not dot:
+        return "", ""
+    return (f"{directory}/{stem}" if directory else stem), extension
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -72,8 +99,36 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def encode_sample(sample: ShardSample) -> dict[str, bytes]:
+    """A clip's members: extension -> bytes (see the module docstring)."""
+    meta = {**sample.meta, "frames": len(sample.frames)}
+    return {
+        META: json.dumps(meta, sort_keys=True).encode(),
+        AUDIO: encode_wav(sample.audio),
+        FRAMES: msgpack.packb(list(sample.frames), use_bin_type=True),
+    }
+
+
+def decode_sample(members: Mapping[str, bytes], source: str | os.PathLike[str] = "") -> ShardSample:
+    """A :class:`ShardSample` from a sample's raw members (extension -> bytes), as
+    :class:`ShardReader` reads them or ``webdataset.WebDataset(url)`` yields them.
+
+    Raises:
+        MediaError: a member is missing or cannot be decoded (naming ``source``).
+    """
+    missing = [m for m in MEMBERS if m not in members]
+    if missing:
+        raise MediaError(source, f"sample without {', '.join(missing)}")
+    try:
+        frames = msgpack.unpackb(members[FRAMES], raw=False)
+        return ShardSample(json.loads(members[META]), decode_wav(members[AUDIO]), list(frames))
+    except (ValueError, TypeError, wave.Error, msgpack.UnpackException) as exc:
+        raise MediaError(source, f"undecodable sample ({exc})") from exc
+
+
 def write_shard(path: str | os.PathLike[str], samples: Iterable[ShardSample]) -> int:
-    """Write samples to a tar shard atomically; returns how many were written."""
+    """Write samples to a tar shard atomically, one WebDataset sample per clip; returns how
+    many were written."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
@@ -81,12 +136,9 @@ def write_shard(path: str | os.PathLike[str], samples: Iterable[ShardSample]) ->
     try:
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
             for count, sample in enumerate(samples, start=1):
-                key = f"{count - 1:06d}"
-                meta = {**sample.meta, "frames": len(sample.frames)}
-                _add(tar, f"{key}/meta.json", json.dumps(meta, sort_keys=True).encode())
-                _add(tar, f"{key}/audio.wav", encode_wav(sample.audio))
-                for i, jpeg in enumerate(sample.frames):
-                    _add(tar, f"{key}/{i:05d}.jpg", jpeg)
+                key = sample_key(count - 1)
+                for extension, data in encode_sample(sample).items():
+                    _add(tar, f"{key}.{extension}", data)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -109,22 +161,28 @@ class ShardReader:
         try:
             with tarfile.open(self.path, mode="r:") as tar:
                 for info in tar:
-                    if not info.isfile() or "/" not in info.name:
+                    key, extension = _split_name(info.name)
+                    if not info.isfile() or extension not in MEMBERS:
                         raise MediaError(self.path, f"unexpected member {info.name!r}")
-                    key, name = info.name.split("/", 1)
-                    self._members.setdefault(key, {})[name] = _Member(info.offset_data, info.size)
+                    self._members.setdefault(key, {})[extension] = _Member(
+                        info.offset_data, info.size
+                    )
         except (tarfile.TarError, OSError) as exc:
             raise MediaError(self.path, f"unreadable shard ({exc})") from exc
+        for key, found in self._members.items():
+            if len(found) != len(MEMBERS):
+                lacking = sorted(set(MEMBERS) - set(found))
+                raise MediaError(self.path, f"sample {key!r} lacks {', '.join(lacking)}")
         self._file: io.BufferedReader | None = None
+        self._frames: tuple[str, list[bytes]] | None = None  # the last clip's JPEGs
         self.index: dict[str, str] = {}  # clip_id -> key
         for key in self._members:
-            meta = json.loads(self._read(key, "meta.json"))
-            self.index[meta["clip_id"]] = key
+            self.index[json.loads(self._read(key, META))["clip_id"]] = key
 
-    def _read(self, key: str, name: str) -> bytes:
+    def _read(self, key: str, extension: str) -> bytes:
         if self._file is None:
             self._file = self.path.open("rb")
-        member = self._members[key][name]
+        member = self._members[key][extension]
         self._file.seek(member.offset)
         return self._file.read(member.size)
 
@@ -132,18 +190,26 @@ class ShardReader:
         return len(self.index)
 
     def __getstate__(self) -> dict[str, Any]:  # file handles do not cross processes
-        return {**self.__dict__, "_file": None}
+        return {**self.__dict__, "_file": None, "_frames": None}
+
+    def sample(self, clip_id: str) -> ShardSample:
+        """The whole stored clip (the same as :func:`decode_sample` of its WebDataset sample)."""
+        key = self.index[clip_id]
+        return decode_sample({m: self._read(key, m) for m in MEMBERS}, self.path)
 
     def meta(self, clip_id: str) -> dict[str, Any]:
-        return json.loads(self._read(self.index[clip_id], "meta.json"))
+        return json.loads(self._read(self.index[clip_id], META))
 
     def audio(self, clip_id: str) -> np.ndarray:
         """``[N]`` float32 at 16 kHz."""
-        return decode_wav(self._read(self.index[clip_id], "audio.wav"))
+        return decode_wav(self._read(self.index[clip_id], AUDIO))
 
     def frame(self, clip_id: str, index: int) -> np.ndarray:
         """Face crop ``index`` as ``[H, W, 3]`` RGB uint8."""
-        return decode_jpeg(self._read(self.index[clip_id], f"{index:05d}.jpg"))
+        if self._frames is None or self._frames[0] != clip_id:
+            packed = self._read(self.index[clip_id], FRAMES)
+            self._frames = (clip_id, msgpack.unpackb(packed, raw=False))
+        return decode_jpeg(self._frames[1][index])
 
     def close(self) -> None:
         if self._file is not None:
