@@ -17,15 +17,17 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from socialmae import orchestration
-from socialmae.orchestration import PRETRAIN_STAGE, StageRun
+from socialmae.orchestration import CROP_STAGE, PRETRAIN_STAGE, RAY_ADDRESS_ENV, StageRun
 
 PIPELINE_ARTIFACT = "socialmae-pipeline"
 
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)  # side effects: never cached
-def repro(root: Path, stage: str, force: bool = False) -> StageRun:
-    """``dvc repro --single-item [--force] <stage>`` in ``root``."""
-    return orchestration.repro(root, stage, force, log=get_run_logger())
+def repro(
+    root: Path, stage: str, force: bool = False, env: dict[str, str] | None = None
+) -> StageRun:
+    """``dvc repro --single-item [--force] <stage>`` in ``root`` (``env`` added)."""
+    return orchestration.repro(root, stage, force, log=get_run_logger(), env=env)
 
 
 @task(task_run_name="pretrain (torchrun x{nproc})", cache_policy=NO_CACHE)
@@ -49,9 +51,11 @@ def run_stages(
     force: Sequence[str] = (),
     download_retries: int = 2,
     retry_delay_seconds: float = 10.0,
+    ray_address: str | None = None,
 ) -> list[StageRun]:
     """Run ``stages`` in order, one task each (call it inside a flow). ``force`` names stages
-    re-run even when DVC finds them up to date; only ``download`` (the network) is retried."""
+    re-run even when DVC finds them up to date; only ``download`` (the network) is retried;
+    with ``ray_address``, ``crop_faces`` runs on that Ray cluster (the same output)."""
     unknown = sorted(set(force) - set(stages))
     if unknown:
         raise ValueError(f"force: {unknown} are not stages of this run ({list(stages)})")
@@ -62,6 +66,8 @@ def run_stages(
         forced = stage in force
         if stage == PRETRAIN_STAGE and gpus > 1:
             runs.append(pretrain_torchrun(root, gpus, forced))
+        elif stage == CROP_STAGE and ray_address:
+            runs.append(repro(root, stage, forced, {RAY_ADDRESS_ENV: ray_address}))
         elif stage == "download":
             retried = repro.with_options(retries=download_retries,
                                          retry_delay_seconds=retry_delay_seconds)  # fmt: skip
@@ -78,6 +84,7 @@ def pipeline(
     download_retries: int = 2,
     retry_delay_seconds: float = 10.0,
     force: list[str] | None = None,
+    ray_address: str | None = None,
 ) -> list[StageRun]:
     """download -> crop_faces -> validate -> pretrain -> tune/finetune/register@task (each task
     in params.yaml), each through ``dvc repro``; ``gpus > 1`` pretrains under torchrun.
@@ -87,11 +94,14 @@ def pipeline(
         gpus: processes for pretraining; above 1, ``torchrun --nproc_per_node gpus``.
         download_retries: retries of the download stage, ``retry_delay_seconds`` apart.
         force: stages to re-run even when up to date (``dvc repro --force``).
+        ray_address: crop faces on this Ray cluster (``auto``, ``ray://head:10001``) instead
+            of this machine's processes; the shards are the same byte for byte.
     """
     project = Path(root).resolve()
     tasks = orchestration.project_tasks(project)
     stages = orchestration.pipeline_stages(project, tasks)
-    runs = run_stages(project, stages, gpus, force or (), download_retries, retry_delay_seconds)
+    runs = run_stages(project, stages, gpus, force or (), download_retries, retry_delay_seconds,
+                      ray_address)  # fmt: skip
     report(project, tasks, runs, "Social-MAE pipeline", PIPELINE_ARTIFACT)
     return runs
 

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 Log = logging.Logger | logging.LoggerAdapter
 PRETRAIN_STAGE = "pretrain"  # the stage the flows may run under torchrun
+CROP_STAGE = "crop_faces"  # the stage the flows may run on a Ray cluster
+RAY_ADDRESS_ENV = "SOCIALMAE_CROP_RAY_ADDRESS"  # set: crop_faces runs on the Ray cluster there
 
 
 class CommandError(RuntimeError):
@@ -91,10 +93,12 @@ def _bin_dir() -> Path:
     return Path(sys.executable).parent
 
 
-def command_env() -> dict[str, str]:
-    """This environment with the running interpreter's scripts (dvc, torchrun, socialmae)
-    first on PATH, so dvc.yaml's ``socialmae <stage>`` commands resolve to this install."""
-    return {**os.environ, "PATH": f"{_bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}"}
+def command_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment (plus ``extra``) with the running interpreter's scripts (dvc,
+    torchrun, socialmae) first on PATH, so dvc.yaml's ``socialmae <stage>`` commands resolve
+    to this install."""
+    path = f"{_bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, **(extra or {}), "PATH": path}
 
 
 def _argv(command: Sequence[str]) -> list[str]:
@@ -105,13 +109,20 @@ def _argv(command: Sequence[str]) -> list[str]:
     return [found, *command[1:]]
 
 
-def run(command: Sequence[str], cwd: Path, log: Log = logger, tail: int = 40) -> str:
-    """Run ``command`` (an argument list, never a shell string) in ``cwd``, logging each output
-    line as it comes; returns stdout and stderr together, raises :class:`CommandError`."""
+def run(
+    command: Sequence[str],
+    cwd: Path,
+    log: Log = logger,
+    tail: int = 40,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """Run ``command`` (an argument list, never a shell string) in ``cwd`` with ``env`` added
+    to the environment, logging each output line as it comes; returns stdout and stderr
+    together, raises :class:`CommandError`."""
     log.info("$ %s  (in %s)", shlex.join(command), cwd)
     lines: list[str] = []
     process = subprocess.Popen(
-        _argv(command), cwd=cwd, env=command_env(), stdin=subprocess.DEVNULL,
+        _argv(command), cwd=cwd, env=command_env(env), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         start_new_session=True,  # its own process group: stopped as a whole below
     )  # fmt: skip
@@ -143,10 +154,17 @@ def _terminate(process: subprocess.Popen, log: Log, grace: float = 30.0) -> None
             process.wait()
 
 
-def repro(root: Path, stage: str, force: bool = False, log: Log = logger) -> StageRun:
-    """``dvc repro --single-item [--force] <stage>`` in ``root``."""
+def repro(
+    root: Path,
+    stage: str,
+    force: bool = False,
+    log: Log = logger,
+    env: Mapping[str, str] | None = None,
+) -> StageRun:
+    """``dvc repro --single-item [--force] <stage>`` in ``root``, ``env`` added to the stage's
+    environment."""
     start = time.monotonic()
-    output = run(repro_args(stage, force), root, log)
+    output = run(repro_args(stage, force), root, log, env=env)
     ran = f"Running stage '{stage}'" in output
     return StageRun(stage, ran, round(time.monotonic() - start, 2))
 

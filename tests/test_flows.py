@@ -239,6 +239,16 @@ def test_an_interrupted_stage_is_stopped_with_its_children():
     assert time.monotonic() - started < 30
 
 
+def test_a_stage_command_gets_the_extra_environment_and_this_install_first():
+    """How the pipeline flow sends crop_faces to a Ray cluster: the variable reaches the stage
+    command, next to the PATH that finds this install's `socialmae`."""
+    script = "import os; print(os.environ['SOCIALMAE_CROP_RAY_ADDRESS']); print(os.environ['PATH'])"
+    env = {orchestration.RAY_ADDRESS_ENV: "ray://head:10001"}
+    output = orchestration.run([sys.executable, "-c", script], REPO, env=env).splitlines()
+    assert output[0] == "ray://head:10001"
+    assert output[1].startswith(str(Path(sys.executable).parent))
+
+
 # ----------------------------------------------------------------------------- the server
 
 

@@ -26,10 +26,11 @@ from tests_helpers import free_port, stop_group
 
 from socialmae.data.crop import CropParams, crop_faces
 from socialmae.data.manifest import ManifestRow, read_manifest, write_manifest
+from socialmae.orchestration import RAY_ADDRESS_ENV
 from socialmae.tasks import get_task
 
 RAY = str(Path(sys.executable).parent / "ray")
-CROP = {"workers": 2, "clips_per_shard": 2, "frame_rate": 4.0, "image_size": 112}
+CROP = {"workers": 1, "clips_per_shard": 2, "frame_rate": 4.0, "image_size": 112}
 CLIPS = 9  # 8 good ones and a broken file: five shards
 
 
@@ -76,7 +77,7 @@ class Cluster:
                     "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # fmt: skip
         self.nodes: list[subprocess.Popen] = []
 
-    def start_node(self, *args: str, cpus: int = 3) -> subprocess.Popen:
+    def start_node(self, *args: str, cpus: int = 2) -> subprocess.Popen:
         log = self.root / f"node{len(self.nodes)}.log"
         command = [RAY, "start", f"--num-cpus={cpus}", "--disable-usage-stats", "--block", *args]
         node = subprocess.Popen(command, env=self.env, start_new_session=True,
@@ -91,7 +92,7 @@ class Cluster:
 
     def stop(self) -> None:
         for node in reversed(self.nodes):
-            stop_group(node, grace=5)
+            stop_group(node, grace=2)
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +114,15 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
     return root / "raw", _outputs(root / "local")
 
 
-def _stage(cluster: Cluster, raw: Path, out: Path, **crop) -> subprocess.Popen:
-    """`socialmae crop-faces` on the cluster, as its own process group."""
+def _stage(cluster: Cluster, raw: Path, out: Path, via_env: bool = False) -> subprocess.Popen:
+    """`socialmae crop-faces` on the cluster, as its own process group; the address comes from
+    params.yaml, or ``via_env`` from the variable the Prefect flow sets (params say local)."""
     params = out.parent / "params.yaml"
-    settings = {**CROP, "engine": "ray", "ray_address": cluster.address, **crop}
-    params.write_text(yaml.safe_dump({"data": {"datasets": ["demo"]}, "crop": settings}))
+    ray = {} if via_env else {"engine": "ray", "ray_address": cluster.address}
+    params.write_text(yaml.safe_dump({"data": {"datasets": ["demo"]}, "crop": {**CROP, **ray}}))
     env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    if via_env:
+        env[RAY_ADDRESS_ENV] = cluster.address
     command = ["socialmae", "crop-faces", "--params", str(params), "--raw", str(raw),
                "--out", str(out)]  # fmt: skip
     log = (out.parent / "stage.log").open("a")
@@ -157,10 +161,11 @@ def test_losing_a_worker_node_mid_stage_loses_nothing(cluster, corpus, tmp_path)
     """Runs last: it kills the cluster's worker node (SIGKILL of its whole process group)."""
     raw, local = corpus
     out = tmp_path / "faces"
-    stage = _stage(cluster, raw, out)
+    stage = _stage(cluster, raw, out, via_env=True)
     _wait(lambda: any(out.glob("shard-*.json")), 300, "first shard", stage)
     os.killpg(cluster.nodes[1].pid, signal.SIGKILL)  # the worker node and all of its processes
     assert len(list(out.glob("shard-*.json"))) < 5, "the node was killed too late"
     metrics = _finish(stage, out)
+    assert metrics["engine"] == "ray"  # from the environment, as the flow passes it
     assert metrics["processed"] == CLIPS and metrics["ok"] == CLIPS - 1
     assert _outputs(out) == local

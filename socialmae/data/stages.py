@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from socialmae.data.manifest import read_manifest
 from socialmae.data.sources.catalog import SOURCES, check_names, parse_download
 from socialmae.io import atomic_write_text
 from socialmae.layout import FACES, RAW, VALIDATION
+from socialmae.orchestration import RAY_ADDRESS_ENV
 from socialmae.params import ParamsError, from_mapping, load_params
 
 CROP_METRICS_NAME = "crop_metrics.json"  # beside the shards, never inside them: its timings
@@ -77,6 +78,9 @@ def stage_crop_faces(
     ``crop_metrics.json`` beside ``out`` (see :data:`CROP_METRICS_NAME`)."""
     params = load_params(params_path)
     crop = from_mapping(CropParams, params.get("crop"), "crop")
+    address = os.environ.get(RAY_ADDRESS_ENV)
+    if address:  # where the work runs, not what it makes: the output is the same
+        crop = replace(crop, engine="ray", ray_address=address)
     manifest = pd.concat([read_manifest(root / d) for d in _datasets(params)], ignore_index=True)
     metrics = crop_faces(manifest, out, crop)
     _write_json(out.parent / CROP_METRICS_NAME, metrics)
