@@ -1,69 +1,140 @@
-"""Benchmark the data path on the generated demo set; prints JSON.
+"""How the data path's cost grows with the data set; prints JSON.
 
-Figures: crop_faces clips/s and frames/s with 1 and 2 worker processes (per-core figures
-are the 1-worker ones; the 2-worker ratio is the scaling), loader clips/s for one process
-reading shards, fbank milliseconds per 4 s window.
+Generates the demo set at growing sizes (``--sizes``, clips: identities x sentences x 6
+emotions, at most 24 identities), runs the crop
+stage on each in a fresh process (``crop.workers`` processes, 224-pixel crops: the paper's
+input) and the loader over the result (one process, one thread: the per-core figure, at the
+paper preset: 8 frames of 224x224 and a 1024x128 fbank per clip), and reports per size:
+seconds per clip and per video-second, clips/s per core, peak memory of the stage (its process
+and its workers), shards and shard bytes per video-second. ``growth`` divides the largest
+size's per-clip figures by the smallest's: flat cost is 1.0.
 
-    python benchmarks/data_pipeline.py [--clips-per-label 4]
+``projection`` turns the largest size's figures into VoxCeleb2's (1,128,246 clips, 2,442
+hours: the paper's pretraining set) on CPUs: core-hours for the crop stage, terabytes of
+shards, and loader cores per clip/s of training. GPU detection and training rates are not
+measured here (no GPU on this machine); ``benchmarks/gpu_suite.py`` measures them where one is.
+
+    python benchmarks/data_pipeline.py [--sizes 48 192 768] [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+import pandas as pd
 import torch
 
+VOXCELEB2_CLIPS = 1_128_246
+VOXCELEB2_HOURS = 2442.0
+
+_CROP = """
+import json, resource, sys, time
 from socialmae.data.crop import CropParams, crop_faces
-from socialmae.data.dataset import ShardDataset
-from socialmae.data.features import fbank
-from socialmae.data.sources.demo import prepare_demo
-from socialmae.model import get_preset
+from socialmae.data.manifest import read_manifest
+if __name__ == "__main__":
+    raw, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    start = time.perf_counter()
+    metrics = crop_faces(read_manifest(raw), out, CropParams(image_size=224, workers=workers))
+    metrics["wall_seconds"] = time.perf_counter() - start
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    metrics["peak_rss_mb"] = round(max(own, children) / 1024, 1)
+    print(json.dumps(metrics))
+"""
+
+
+def _crop(raw: Path, out: Path, workers: int) -> dict[str, Any]:
+    """The crop stage in a fresh process (its own peak memory)."""
+    done = subprocess.run([sys.executable, "-c", _CROP, str(raw), str(out), str(workers)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _loader(shards: Path, limit: int) -> dict[str, float]:
+    """Clips/s of one loader process with one thread, training items at the paper preset."""
+    from socialmae.data.dataset import ShardDataset
+    from socialmae.model import get_preset
+
+    data = ShardDataset(shards, get_preset("social-mae-base"), train=True)
+    n = min(len(data), limit)
+    for index in range(min(8, n)):  # warm: open the shards, first allocations
+        data[index]
+    start = time.perf_counter()
+    for index in range(n):
+        data[index]
+    seconds = time.perf_counter() - start
+    return {"clips": n, "clips_per_second_per_core": round(n / seconds, 2)}
+
+
+def measure(root: Path, clips: int, workers: int, loader_clips: int) -> dict[str, Any]:
+    from socialmae.data.sources.demo import prepare_demo
+
+    raw = root / f"raw-{clips}"
+    if clips % 6:
+        raise ValueError(f"--sizes: {clips} is not a multiple of 6 (one clip per emotion)")
+    identities = max(d for d in range(1, 25) if (clips // 6) % d == 0)  # 24 faces ship
+    prepare_demo(raw, identities=identities, sentences=clips // 6 // identities, workers=workers)
+    faces = root / f"faces-{clips}"
+    crop = _crop(raw, faces, workers)
+    video_seconds = float(pd.read_parquet(faces / "clips.parquet")["duration"].sum())
+    shard_bytes = sum(p.stat().st_size for p in faces.glob("shard-*.tar"))
+    result = {
+        "clips": crop["clips"],
+        "video_seconds": round(video_seconds, 1),
+        "crop_seconds": round(crop["wall_seconds"], 2),
+        "crop_seconds_per_clip": round(crop["wall_seconds"] / crop["clips"], 4),
+        "crop_core_seconds_per_video_second": round(
+            crop["wall_seconds"] * workers / video_seconds, 4
+        ),
+        "crop_clips_per_second_per_core": round(crop["clips"] / crop["wall_seconds"] / workers, 3),
+        "crop_peak_rss_mb": crop["peak_rss_mb"],
+        "shards": crop["shards"],
+        "shard_bytes_per_video_second": round(shard_bytes / video_seconds),
+        "loader": _loader(root / f"faces-{clips}", loader_clips),
+    }
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--identities", type=int, default=8, help="demo identities (6 clips each)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[48, 192, 768])
+    parser.add_argument("--workers", type=int, default=2, help="crop processes")
+    parser.add_argument("--loader-clips", type=int, default=192, help="clips the loader reads")
     args = parser.parse_args()
-    report: dict = {"benchmark": "data_pipeline", "torch_threads": torch.get_num_threads()}
+    torch.set_num_threads(1)
+    report: dict[str, Any] = {"benchmark": "data_pipeline", "workers": args.workers, "sizes": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        manifest = prepare_demo(root / "raw", identities=args.identities, sentences=1)
-        for workers in (1, 2):
-            params = CropParams(workers=workers, clips_per_shard=64)
-            metrics = crop_faces(manifest, root / f"faces-{workers}", params)
-            report[f"crop_faces_workers_{workers}"] = {
-                "clips": metrics["clips"],
-                "seconds": metrics["seconds"],
-                "clips_per_second": metrics["clips_per_second"],
-                "frames_per_second": round(metrics["frames"] / metrics["seconds"], 2),
-            }
-        one = report["crop_faces_workers_1"]["clips_per_second"]
-        two = report["crop_faces_workers_2"]["clips_per_second"]
-        report["crop_faces_speedup_2_vs_1_workers"] = round(two / one, 3)
-
-        data = ShardDataset(root / "faces-1", get_preset("social-mae-base"), train=True)
-        start = time.perf_counter()
-        for index in range(len(data)):
-            data[index]
-        seconds = time.perf_counter() - start
-        report["loader_clips_per_second_one_process"] = round(len(data) / seconds, 2)
-
-        audio = np.random.default_rng(0).uniform(-0.3, 0.3, 64_000).astype(np.float32)
-        fbank(audio)
-        start = time.perf_counter()
-        for _ in range(50):
-            fbank(audio)
-        report["fbank_ms_per_4s_window"] = round((time.perf_counter() - start) / 50 * 1e3, 2)
-    # Assumed, not measured (no GPU here): the paper preset at ~3 steps/s x batch 48 on one
-    # H100 consumes ~150 clips/s;
-    # the loader workers that takes follow from the per-process figure.
-    per_worker = report["loader_clips_per_second_one_process"]
-    report["loader_workers_for_150_clips_per_second"] = int(np.ceil(150 / per_worker))
+        for clips in args.sizes:
+            report["sizes"][str(clips)] = measure(Path(tmp), clips, args.workers,
+                                                  args.loader_clips)  # fmt: skip
+            print(json.dumps({str(clips): report["sizes"][str(clips)]}), file=sys.stderr)
+    small, large = (report["sizes"][str(n)] for n in (min(args.sizes), max(args.sizes)))
+    keys = ("crop_seconds_per_clip", "crop_peak_rss_mb", "shard_bytes_per_video_second")
+    report["growth"] = {k: round(large[k] / small[k], 3) for k in keys}
+    report["growth"]["loader_clips_per_second_per_core"] = round(
+        large["loader"]["clips_per_second_per_core"] / small["loader"]["clips_per_second_per_core"],
+        3,
+    )
+    seconds = VOXCELEB2_HOURS * 3600
+    per_core = large["loader"]["clips_per_second_per_core"]
+    report["projection"] = {
+        "dataset": f"VoxCeleb2: {VOXCELEB2_CLIPS} clips, {VOXCELEB2_HOURS:g} hours",
+        "crop_cpu_core_hours": round(large["crop_core_seconds_per_video_second"] * seconds / 3600),
+        "shards_terabytes": round(large["shard_bytes_per_video_second"] * seconds / 1e12, 2),
+        "loader_cores_per_100_clips_per_second": round(100 / per_core, 2),
+        "measured_at": f"{max(args.sizes)} clips",
+    }
+    report["peak_rss_mb_this_process"] = round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+    )
     print(json.dumps(report, indent=2))
 
 

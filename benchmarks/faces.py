@@ -1,7 +1,7 @@
 """Benchmark the RetinaFace MobileNet-0.25 face detector; prints JSON.
 
 Times ``FaceDetector.detect`` end to end (preprocessing, forward pass, decoding, NMS) on
-224x224 and 640x480 RGB images (the astronaut photo resized) at batch 1 and 8, and reports
+224x224 and 640x480 RGB images (the astronaut photo resized) at batch 1, 8 and 64, and reports
 the median milliseconds per image over ``--repeats`` calls after ``--warmup`` calls.
 
     python benchmarks/faces.py                    # CPU, all torch threads
@@ -25,7 +25,7 @@ from skimage import data
 from socialmae.data.faces import FaceDetector
 
 SIZES = ((224, 224), (640, 480))  # width, height
-BATCHES = (1, 8)
+BATCHES = (1, 8, 64)
 
 
 def measure(

@@ -3,12 +3,12 @@
 runs; with ``gpus > 1`` pretraining goes through ``torchrun`` and ``dvc commit``. A markdown
 artifact summarises the metrics and promotion decisions.
 
-    python -m flows.pipeline [ROOT]    # from the repository root
+    python -m flows.pipeline [ROOT] [--gpus N] [--ray-address ADDRESS]   # from the repository root
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -106,5 +106,15 @@ def pipeline(
     return runs
 
 
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m flows.pipeline [ROOT] [--gpus N] [--ray-address ADDRESS]``: one run."""
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=main.__doc__)
+    parser.add_argument("root", nargs="?", default=".", help="the project (default: .)")
+    parser.add_argument("--gpus", type=int, default=1, help="pretraining processes (torchrun)")
+    parser.add_argument("--ray-address", help="crop faces on this Ray cluster")
+    args = parser.parse_args(argv)
+    pipeline(root=args.root, gpus=args.gpus, ray_address=args.ray_address)
+
+
 if __name__ == "__main__":
-    pipeline(root=sys.argv[1] if len(sys.argv) > 1 else ".")
+    main()

@@ -17,6 +17,7 @@ import torch
 from click.testing import Result
 from media import write_clip
 from PIL import Image
+from tests_helpers import free_port
 from typer.testing import CliRunner
 
 from socialmae import registry
@@ -171,7 +172,7 @@ def test_predict_and_serve_registered_champion(
     unknown = _run("predict", clips["face"], "-m", "models:/socialmae-nope@champion")
     assert unknown.exit_code == 2
     assert "cannot load models:/socialmae-nope@champion" in unknown.stderr
-    no_alias = _run("serve", "-m", "models:/socialmae-demo@gone", "--port", _free_port())
+    no_alias = _run("serve", "-m", "models:/socialmae-demo@gone", "--port", free_port())
     assert no_alias.exit_code == 2 and "cannot serve models:/socialmae-demo@gone" in no_alias.stderr
 
 
@@ -273,12 +274,6 @@ def test_bad_arguments_exit_2_with_a_message(
 # --------------------------------------------------------------------------- serve
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})  # fmt: skip
@@ -291,7 +286,7 @@ def _post(url: str, body: dict) -> dict:
 def test_serve_answers_http_requests_and_stops_on_sigterm(
     classifier_dir, clips, expected, tmp_path
 ):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}

@@ -220,3 +220,21 @@ def test_a_sample_missing_a_member_is_named(tmp_path):
         ShardReader(broken)
     with pytest.raises(MediaError, match="sample without wav"):
         decode_sample({"json": b"{}", "frames.mp": b"\x90"}, "s")
+
+
+def test_jpeg_decoding_gives_pillows_pixels():
+    """The loader decodes with torchvision (faster); the pixels are Pillow's, byte for byte."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    smooth = np.linspace(0, 255, 112 * 112 * 3).reshape(112, 112, 3).astype(np.uint8)
+    for image in (rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), smooth):
+        for quality in (60, 90):
+            data = encode_jpeg(image, quality)
+            pillow = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            np.testing.assert_array_equal(decode_jpeg(data), pillow)
+    gray = io.BytesIO()
+    Image.fromarray(smooth[..., 0]).save(gray, format="JPEG")
+    assert decode_jpeg(gray.getvalue()).shape == (112, 112, 3)  # grey JPEGs come back RGB

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests_helpers import free_port
 
 from socialmae.model import SocialMAE, SocialMAEClassifier, get_preset
 from socialmae.params import ParamsError, from_mapping
@@ -259,7 +260,6 @@ def test_checkpoints_resume_only_onto_the_same_init_weights(demo_shards, tmp_pat
 def test_two_process_gloo_ddp_with_modality_dropout(demo_shards, pretrained, tmp_path):
     """torchrun with 2 CPU processes (gloo): a multimodal model trained partly on one stream
     (some parameters unused on those steps) finishes, with the global batch over both ranks."""
-    import socket
     import subprocess
     import sys
 
@@ -270,9 +270,7 @@ def test_two_process_gloo_ddp_with_modality_dropout(demo_shards, pretrained, tmp
               "bootstrap_resamples": 50, "permutations": 50}  # fmt: skip
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"finetune": values}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     worker = os.path.join(os.path.dirname(__file__), "finetune_worker.py")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

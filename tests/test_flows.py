@@ -12,8 +12,6 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +36,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+from tests_helpers import free_port, stop_group
 
 from flows.pipeline import PIPELINE_ARTIFACT, pipeline
 from flows.retrain import RETRAIN_ARTIFACT
@@ -47,24 +46,6 @@ from socialmae.orchestration import CommandError, pipeline_stages
 from socialmae.params import ParamsError
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen, grace: float = 15.0) -> None:
-    """SIGTERM the process group started with ``start_new_session``, SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=grace)
 
 
 def _wait_for(check: Callable[[], Any], timeout: float, what: str, alive=None) -> Any:
@@ -93,7 +74,7 @@ def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
     from prefect.utilities.asyncutils import run_coro_as_sync
 
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}  # fmt: skip
@@ -126,7 +107,7 @@ def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
 
             run_coro_as_sync(drain())
     finally:
-        _stop(server)
+        stop_group(server)
 
 
 def _flow_run_id(state) -> uuid.UUID:
@@ -304,7 +285,7 @@ def _unreachable_download_project(root: Path) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["datasets"] = ["cremad"]
     params["download"]["cremad"].update(
-        source=f"http://127.0.0.1:{_free_port()}/cremad", names="names.txt", retries=0,
+        source=f"http://127.0.0.1:{free_port()}/cremad", names="names.txt", retries=0,
         timeout=2.0,
     )  # fmt: skip
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -358,7 +339,7 @@ def test_prefect_yaml_deploys_to_a_work_pool_and_a_worker_runs_it(
         try:
             worker.wait(timeout=240)
         finally:
-            _stop(worker)
+            stop_group(worker)
         flow_run = client.read_flow_run(flow_run.id)
     assert flow_run.state.is_completed(), f"{flow_run.state}\n{_tail(log)}"
     markdown = _artifact(flow_run.id, PIPELINE_ARTIFACT)
@@ -416,7 +397,7 @@ def test_served_retrain_deployment_runs_on_schedule(prefect_server, demo_pipelin
         assert "| pretrain |" not in markdown  # retraining fine-tunes from the recorded model
         assert "- `demo`: not registered again (its inputs did not change)." in markdown
     finally:
-        _stop(serve)
+        stop_group(serve)
     assert "up to date" in _dvc(root, "status")
 
 

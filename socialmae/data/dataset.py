@@ -64,6 +64,10 @@ class ShardDataset(torch.utils.data.Dataset):
         self.table = table[keep].reset_index(drop=True)
         self.config = config
         self.task = task
+        # per-item columns as lists: indexing a DataFrame row costs more than the JPEGs
+        self._clip_ids: list[str] = self.table["clip_id"].tolist()
+        self._shards: list[str] = self.table["shard"].tolist()
+        self._targets = [self._target(row) for row in self.table.itertuples(index=False)]
         self.train = train
         self.sampling = sampling or ClipSampling()
         self.augment = augment
@@ -101,9 +105,8 @@ class ShardDataset(torch.utils.data.Dataset):
         """Clip ``index`` as stored; with ``cache`` decoded frames stay in memory (per process)."""
         if index in self._clips:
             return self._clips[index]
-        row = self.table.iloc[index]
-        reader = self._reader(row["shard"])
-        clip_id = row["clip_id"]
+        reader = self._reader(self._shards[index])
+        clip_id = self._clip_ids[index]
 
         def frame(i: int) -> np.ndarray:
             return reader.frame(clip_id, i)
@@ -117,12 +120,13 @@ class ShardDataset(torch.utils.data.Dataset):
             self._clips[index] = clip
         return clip
 
-    def _target(self, row: pd.Series) -> tuple[torch.Tensor, int]:
+    def _target(self, row: Any) -> tuple[torch.Tensor, int]:
+        """``(target [C], label)`` of a clip table row (see the class docstring)."""
         if self.task is None:
             return torch.zeros(0), -1
         if self.task.kind == "regression":
-            return torch.tensor(json.loads(row["targets"]), dtype=torch.float32), -1
-        label = self.task.labels.index(row["label"]) if row["label"] else -1
+            return torch.tensor(json.loads(row.targets), dtype=torch.float32), -1
+        label = self.task.labels.index(row.label) if row.label else -1
         target = torch.zeros(self.task.num_outputs)
         if label >= 0:
             target[label] = 1.0
@@ -134,7 +138,8 @@ class ShardDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng((self.seed, epoch, index))
         window = sample_clip(self.clip(index), self.config, self.sampling, self.train, rng)
         frames, audio = window.frames, window.audio
-        target, label = self._target(self.table.iloc[index])
+        target, label = self._targets[index]
+        target = target.clone()  # the item is the caller's
         augment = self.augment if self.train else None
         feats = None
         if augment is not None and augment.mixup > 0 and rng.random() < augment.mixup:
@@ -144,7 +149,7 @@ class ShardDataset(torch.utils.data.Dataset):
             n = min(audio.size, mate.audio.size)
             audio = lam * audio[:n] + (1 - lam) * mate.audio[:n]
             frames = (lam * frames + (1 - lam) * mate.frames).round().astype(np.uint8)
-            target = lam * target + (1 - lam) * self._target(self.table.iloc[other])[0]
+            target = lam * target + (1 - lam) * self._targets[other][0]
         elif self.cache:
             key = (index, window.start)
             if key not in self._log_mel:
@@ -158,7 +163,7 @@ class ShardDataset(torch.utils.data.Dataset):
             "video": video,
             "target": target,
             "label": label,
-            "clip_id": self.table.iloc[index]["clip_id"],
+            "clip_id": self._clip_ids[index],
             "index": index,
         }
 

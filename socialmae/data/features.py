@@ -87,24 +87,28 @@ def frames_to_video(
     """
     if channel_order not in ("RGB", "BGR"):
         raise ValueError(f"channel_order must be RGB or BGR, got {channel_order!r}")
-    video = (
-        torch.as_tensor(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    )  # [T, 3, H, W]
+    pixels = torch.as_tensor(np.ascontiguousarray(frames))  # [T, H, W, 3] uint8
     if region is not None:
         x, y, side = region
-        video = video[:, :, y : y + side, x : x + side]
+        pixels = pixels[:, y : y + side, x : x + side]
     if flip:
-        video = video.flip(-1)
-    if size is not None and video.shape[-1] != size:
+        pixels = pixels.flip(2)
+    resize = size is not None and pixels.shape[2] != size
+    if resize:
         video = torch.nn.functional.interpolate(
-            video, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
+            pixels.permute(0, 3, 1, 2).float(), size=(size, size), mode="bilinear",
+            antialias=True, align_corners=False,
+        ).permute(1, 0, 2, 3)  # fmt: skip
+    else:  # the layout change on bytes, then one float copy: [3, T, H, W]
+        video = pixels.permute(3, 0, 1, 2).contiguous().float()
     video = video.div_(255.0)
     if channel_order == "BGR":
-        video = video.flip(1)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return ((video - mean) / std).permute(1, 0, 2, 3).contiguous()
+        video = video.flip(0)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+    if resize:
+        return ((video - mean) / std).contiguous()
+    return video.sub_(mean).div_(std)
 
 
 def video_to_frames(video: torch.Tensor, channel_order: str = "RGB") -> np.ndarray:
