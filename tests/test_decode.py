@@ -10,7 +10,7 @@ from media import CODECS, write_clip
 from socialmae.data.decode import decode_audio, iter_frames, probe
 from socialmae.data.errors import MediaError
 from socialmae.data.face_tracks import smooth_square_boxes, square_crop, track_main_face
-from socialmae.data.features import fbank, frames_to_video, rms_db
+from socialmae.data.features import fbank, frames_to_video, log_mel, rms_db
 from socialmae.data.shards import (
     ShardReader,
     ShardSample,
@@ -238,3 +238,22 @@ def test_jpeg_decoding_gives_pillows_pixels():
     gray = io.BytesIO()
     Image.fromarray(smooth[..., 0]).save(gray, format="JPEG")
     assert decode_jpeg(gray.getvalue()).shape == (112, 112, 3)  # grey JPEGs come back RGB
+
+
+@pytest.mark.parametrize("samples", [10, 399, 401, 16_000, 64_000])
+def test_log_mel_is_kaldis_fbank_exactly(samples):
+    """log_mel keeps Kaldi's window and filterbank between calls; the numbers are torchaudio's
+    ``kaldi.fbank`` with the reference's settings, bit for bit."""
+    import torchaudio
+
+    wave = np.random.default_rng(samples).uniform(-0.5, 0.5, samples).astype(np.float32)
+    for bins in (128, 64):
+        centred = torch.as_tensor(wave).reshape(1, -1)
+        centred = centred - centred.mean()
+        if centred.shape[1] < 400:
+            centred = torch.nn.functional.pad(centred, (0, 400 - centred.shape[1]))
+        expected = torchaudio.compliance.kaldi.fbank(
+            centred, htk_compat=True, sample_frequency=16_000, use_energy=False,
+            window_type="hanning", num_mel_bins=bins, dither=0.0, frame_shift=10,
+        )  # fmt: skip
+        assert torch.equal(log_mel(wave, bins), expected)

@@ -6,9 +6,10 @@ The constants are the ones the released weights were trained with (see
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
-import torchaudio
 
 from socialmae.data.decode import SAMPLE_RATE
 
@@ -16,31 +17,59 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+_FRAME_SHIFT, _FRAME_LENGTH = 10.0, 25.0  # milliseconds
+
+
+@functools.cache
+def _fbank_constants(
+    num_mel_bins: int, sample_rate: int
+) -> tuple[int, int, int, torch.Tensor, torch.Tensor]:
+    """Kaldi's framing for ``sample_rate`` (shift, window, padded FFT size), its Hanning window
+    ``[1, window]`` and its mel filterbank ``[num_mel_bins, fft // 2 + 1]``: what
+    ``torchaudio.compliance.kaldi.fbank`` rebuilds on every call."""
+    from torchaudio.compliance import kaldi
+
+    shift = int(sample_rate * _FRAME_SHIFT / 1000)
+    window = int(sample_rate * _FRAME_LENGTH / 1000)
+    padded = 1 if window == 0 else 2 ** (window - 1).bit_length()
+    function = kaldi._feature_window_function("hanning", window, 0.42, "cpu", torch.float32)
+    banks, _ = kaldi.get_mel_banks(num_mel_bins, padded, float(sample_rate), 20.0, 0.0, 100.0,
+                                   -500.0, 1.0)  # fmt: skip
+    banks = torch.nn.functional.pad(banks.to(torch.float32), (0, 1), mode="constant", value=0)
+    return shift, window, padded, function.unsqueeze(0), banks
+
+
 def log_mel(
     waveform: np.ndarray | torch.Tensor, num_mel_bins: int = 128, sample_rate: int = SAMPLE_RATE
 ) -> torch.Tensor:
-    """Log-mel filterbank as in CAV-MAE / Social-MAE, unpadded and unnormalised.
+    """Log-mel filterbank as in CAV-MAE / Social-MAE, unpadded and unnormalised: Kaldi's fbank
+    (``torchaudio.compliance.kaldi.fbank`` with ``htk_compat``, a Hanning window, no dither,
+    10 ms shift), the same operations in the same order (so the same numbers), with the
+    window and the filterbank built once.
 
     Args:
         waveform: ``[N]`` mono samples at ``sample_rate``.
     Returns:
         ``[frames, num_mel_bins]`` (10 ms frames, 25 ms Hanning windows; at least one frame).
     """
+    from torchaudio.compliance import kaldi
+
     wav = torch.as_tensor(waveform, dtype=torch.float32).reshape(1, -1)
     wav = wav - wav.mean()
-    min_samples = int(0.025 * sample_rate)
-    if wav.shape[1] < min_samples:  # kaldi needs one full window
-        wav = torch.nn.functional.pad(wav, (0, min_samples - wav.shape[1]))
-    return torchaudio.compliance.kaldi.fbank(
-        wav,
-        htk_compat=True,
-        sample_frequency=sample_rate,
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=num_mel_bins,
-        dither=0.0,
-        frame_shift=10,
-    )
+    shift, window, padded, function, banks = _fbank_constants(num_mel_bins, sample_rate)
+    if wav.shape[1] < window:  # kaldi needs one full window
+        wav = torch.nn.functional.pad(wav, (0, window - wav.shape[1]))
+    frames = kaldi._get_strided(wav[0], window, shift, True)  # [m, window]
+    frames = frames - torch.mean(frames, dim=1).unsqueeze(1)  # remove the DC offset
+    previous = torch.nn.functional.pad(frames.unsqueeze(0), (1, 0), mode="replicate").squeeze(0)
+    frames = frames - 0.97 * previous[:, :-1]  # pre-emphasis
+    frames = frames * function
+    frames = torch.nn.functional.pad(
+        frames.unsqueeze(0), (0, padded - window), mode="constant", value=0
+    ).squeeze(0)  # [m, padded]
+    spectrum = torch.fft.rfft(frames).abs().pow(2.0)  # [m, padded // 2 + 1]
+    energies = torch.mm(spectrum, banks.T)  # [m, num_mel_bins]
+    return torch.max(energies, kaldi._get_epsilon("cpu", torch.float32)).log()
 
 
 def pad_frames(feats: torch.Tensor, target_length: int) -> torch.Tensor:
