@@ -37,7 +37,8 @@ VOXCELEB2_HOURS = 2442.0
 
 _CROP = """
 import json, resource, sys, time
-from socialmae.data.crop import CropParams, crop_faces
+from socialmae.data.crop import CropParams
+from socialmae.data.crop_stage import crop_faces
 from socialmae.data.manifest import read_manifest
 if __name__ == "__main__":
     raw, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])

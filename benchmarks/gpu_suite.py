@@ -263,7 +263,8 @@ def crop_and_loader_section(
     shapes: dict[str, Any], device: torch.device, demand: float | None
 ) -> dict[str, Any]:
     """Crop generated demo clips on the device, then read the shards back as training does."""
-    from socialmae.data.crop import CropParams, crop_faces
+    from socialmae.data.crop import CropParams
+    from socialmae.data.crop_stage import crop_faces
     from socialmae.data.dataset import ShardDataset
     from socialmae.data.sources.demo import prepare_demo
 

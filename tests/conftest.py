@@ -54,7 +54,8 @@ def official_file(tmp_path: Path):
 def demo_shards(tmp_path_factory) -> Path:
     """A small generated demo set (24 clips: 4 identities split 2/1/1, each saying one sentence
     in the 6 emotions), cropped into shards once per test session; treat it as read-only."""
-    from socialmae.data.crop import CropParams, crop_faces
+    from socialmae.data.crop import CropParams
+    from socialmae.data.crop_stage import crop_faces
     from socialmae.data.manifest import read_manifest
     from socialmae.data.sources.demo import prepare_demo
 

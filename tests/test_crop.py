@@ -13,9 +13,10 @@ import pytest
 import torch
 from media import write_clip
 
-from socialmae.data import crop as crop_stage
+from socialmae.data import crop as crop_module
 from socialmae.data.clips import CLIPS_TABLE
-from socialmae.data.crop import CropParams, crop_faces, process_clip
+from socialmae.data.crop import CropParams, process_clip
+from socialmae.data.crop_stage import crop_faces
 from socialmae.data.dataset import ShardDataset
 from socialmae.data.errors import MediaError
 from socialmae.data.faces import DetectorWeightsError
@@ -202,7 +203,7 @@ def test_inference_raises_what_the_stage_quarantines(cropped, monkeypatch):
     path = root / "raw" / "clips" / "good.mp4"
     with pytest.raises(RuntimeError, match="out of memory"):
         load_clip(path, get_preset("tiny"), PARAMS, detector=_BrokenDetector())
-    monkeypatch.setattr(crop_stage, "_DETECTOR", _BrokenDetector())
+    monkeypatch.setattr(crop_module, "_DETECTOR", _BrokenDetector())
     row = {"clip_id": "good.mp4", "dataset": "d", "speaker": "s", "split": "train",
            "label": "anger", "targets": [], "abs_path": str(path)}  # fmt: skip
     record, sample = process_clip(row, PARAMS)
@@ -217,7 +218,7 @@ def test_unusable_detector_weights_stop_the_stage_before_any_clip(cropped, tmp_p
     """Bad detector weights are the stage's problem, not every clip's: the stage raises one
     DetectorWeightsError (a CheckpointError: the CLI's exit 2) and writes no shard or table."""
     root, _, _, _ = cropped
-    monkeypatch.setattr(crop_stage, "_DETECTOR", None)
+    monkeypatch.setattr(crop_module, "_DETECTOR", None)
     bad = dataclasses.replace(PARAMS, workers=workers, detector_backbone="resnet50",
                               detector_weights=str(tmp_path / "missing.pth"))  # fmt: skip
     out = tmp_path / "shards"

@@ -24,7 +24,8 @@ import yaml
 from media import write_clip
 from tests_helpers import free_port, stop_group
 
-from socialmae.data.crop import CropParams, crop_faces
+from socialmae.data.crop import CropParams
+from socialmae.data.crop_stage import crop_faces
 from socialmae.data.manifest import ManifestRow, read_manifest, write_manifest
 from socialmae.orchestration import RAY_ADDRESS_ENV
 from socialmae.tasks import get_task

@@ -14,7 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-from socialmae.data.crop import CropParams, crop_faces
+from socialmae.data.crop import CropParams
+from socialmae.data.crop_stage import crop_faces
 from socialmae.data.errors import MediaError
 from socialmae.data.manifest import read_manifest
 from socialmae.data.sources.catalog import SOURCES, check_names, parse_download
