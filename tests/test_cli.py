@@ -392,7 +392,7 @@ def test_the_command_starts_without_torch_and_public_names_load_on_use():
         "from socialmae.data import load_clip\n"
         "from socialmae.model import SocialMAEClassifier, MODES\n"
         "assert 'torch' in sys.modules and SocialMAE.__module__ == 'socialmae.model.social_mae'\n"
-        "assert load_clip.__module__ == 'socialmae.data.dataset' and MODES[0] == 'multimodal'\n"
+        "assert load_clip.__module__ == 'socialmae.data.inputs' and MODES[0] == 'multimodal'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
