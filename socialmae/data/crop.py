@@ -217,7 +217,8 @@ def face_track(
 _DETECTOR: FaceDetector | None = None  # the stage's worker processes build theirs once
 
 
-def _stage_detector(params: CropParams) -> FaceDetector:
+def stage_detector(params: CropParams) -> FaceDetector:
+    """The crop stage's detector in this process, built once from the first ``params``."""
     global _DETECTOR
     if _DETECTOR is None:
         _DETECTOR = build_detector(params)
@@ -282,7 +283,7 @@ def process_clip(
     clip and the stage goes on.
     """
     record = clip_record(row)
-    detector = _stage_detector(params)  # unusable weights stop the stage: not a clip's fault
+    detector = stage_detector(params)  # unusable weights stop the stage: not a clip's fault
     try:
         track = face_track(record.path, params, detector)
     except Exception as exc:  # a clip must never take the stage down
@@ -307,7 +308,7 @@ def _worker_init(params: CropParams) -> None:
     die_with_parent()  # a killed stage leaves no detector workers behind
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    _stage_detector(params)
+    stage_detector(params)
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from socialmae.data.crop import (
     CropParams,
     Engine,
     ShardJob,
-    _stage_detector,
     local_engine,
+    stage_detector,
 )
 from socialmae.data.shards import SHARD_FORMAT, write_shard
 from socialmae.io import atomic_write, atomic_write_text
@@ -91,7 +91,7 @@ def crop_faces(manifest: pd.DataFrame, out_dir: str | os.PathLike[str], params: 
     ]
     start = time.perf_counter()
     # weights checked (and converted or downloaded) once, up front, here
-    _stage_detector(replace(params, device="cpu") if params.engine == "ray" else params)
+    stage_detector(replace(params, device="cpu") if params.engine == "ray" else params)
     jobs, skipped = [], 0
     for number, chunk in enumerate(chunks):
         name = f"shard-{number:05d}"
