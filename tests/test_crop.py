@@ -20,9 +20,10 @@ from socialmae.data.crop_stage import crop_faces
 from socialmae.data.dataset import ShardDataset
 from socialmae.data.errors import MediaError
 from socialmae.data.faces import DetectorWeightsError
+from socialmae.data.features import log_mel, torch_threads
 from socialmae.data.inputs import load_clip
 from socialmae.data.manifest import ManifestRow, read_manifest, write_manifest
-from socialmae.data.sampling import Augment, ClipSampling
+from socialmae.data.sampling import Augment, ClipSampling, sample_clip
 from socialmae.model import get_preset
 from socialmae.state_dicts import CheckpointError
 from socialmae.tasks import get_task
@@ -155,6 +156,38 @@ def test_aligned_and_reference_audio_windows(cropped):
     pad = (0 - config.fbank_mean) / config.fbank_std  # normalised zero padding
     assert torch.allclose(aligned[400:], torch.full_like(aligned[400:], pad))  # 4 s window
     assert not torch.allclose(reference[150:200], aligned[150:200])
+
+
+def test_windows_are_cut_from_the_stored_fbank(cropped):
+    """The loader's fbank of a window comes from the shard, not from FFTs: exactly the clip's
+    own for a window over the whole clip, the window's to 0.1% otherwise (float rounding; windows
+    start on the 10 ms hop); a window tiled past the clip's end is computed."""
+    _, out, _, _ = cropped
+    config = get_preset("tiny")
+    data = ShardDataset(out, config, train=True, sampling=ClipSampling(1.0))
+    good = int(data.table.index[data.table["clip_id"] == "good.mp4"][0])  # 2 s
+    clip = data.clip(good)
+    starts = set()
+    for epoch in range(6):
+        rng = np.random.default_rng(epoch)
+        window = sample_clip(clip, config, data.sampling, True, rng)
+        starts.add(window.start)
+        assert window.fbank is not None and window.start * 100 == pytest.approx(
+            round(window.start * 100), abs=1e-6
+        )
+        computed = log_mel(window.audio)
+        assert window.fbank.shape == computed.shape == (98, 128)
+        torch.testing.assert_close(window.fbank, computed, atol=1e-3, rtol=1e-3)
+    assert len(starts) > 1
+    whole = sample_clip(clip, config, ClipSampling(audio_window="clip"), False, None)
+    with torch_threads(1):
+        assert torch.equal(whole.fbank, log_mel(clip.audio))
+    tiled = sample_clip(clip, config, ClipSampling(4.0), True, np.random.default_rng(0))
+    assert tiled.fbank is None  # 4 s over a 2 s clip: wraps around
+    item = ShardDataset(out, config, train=False, sampling=ClipSampling(1.0))[good]["audio"]
+    window = sample_clip(clip, config, ClipSampling(1.0), False, None)
+    expected = (log_mel(window.audio) - config.fbank_mean) / config.fbank_std
+    torch.testing.assert_close(item[:98], expected, atol=1e-3, rtol=0)
 
 
 def test_augmentation_and_mixup(cropped):

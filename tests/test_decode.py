@@ -10,7 +10,7 @@ from media import CODECS, write_clip
 from socialmae.data.decode import decode_audio, iter_frames, probe
 from socialmae.data.errors import MediaError
 from socialmae.data.face_tracks import smooth_square_boxes, square_crop, track_main_face
-from socialmae.data.features import fbank, frames_to_video, log_mel, rms_db
+from socialmae.data.features import fbank, frames_to_video, log_mel, rms_db, torch_threads
 from socialmae.data.shards import (
     ShardReader,
     ShardSample,
@@ -194,16 +194,40 @@ def test_webdataset_reads_one_whole_sample_per_clip(tmp_path):
     read = list(wds.WebDataset(str(path), shardshuffle=False))
     assert len(read) == len(samples) == len(reader)
     for raw in read:
-        assert {k for k in raw if not k.startswith("__")} == {"json", "wav", "frames.mp"}
+        members = {k for k in raw if not k.startswith("__")}
+        assert members == {"json", "wav", "fbank.npy", "frames.mp"}
         sample = decode_sample(raw, raw["__url__"])
         ours = reader.sample(sample.meta["clip_id"])
         assert sample.meta == ours.meta and sample.frames == ours.frames
         np.testing.assert_array_equal(sample.audio, ours.audio)
+        np.testing.assert_array_equal(sample.fbank, ours.fbank)
+        np.testing.assert_array_equal(sample.fbank, reader.fbank(sample.meta["clip_id"]))
         first = reader.frame(sample.meta["clip_id"], 0)
         np.testing.assert_array_equal(first, decode_jpeg(sample.frames[0]))
     # its own decoders understand every member without ours
     decoded = next(iter(wds.WebDataset(str(path), shardshuffle=False).decode()))
     assert decoded["json"]["clip_id"] == "id.0/x" and len(decoded["frames.mp"]) == 3
+    assert decoded["fbank.npy"].shape == (1 + (8_000 - 400) // 160, 128)
+
+
+def test_shards_store_the_fbank_of_the_stored_audio(tmp_path):
+    """Each sample carries the log-mel of its 16-bit audio, computed on one thread: the same
+    bytes whatever the writer's thread count; the loader cuts windows from it."""
+    audio = np.random.default_rng(2).uniform(-0.6, 0.6, 40_123).astype(np.float32)
+    sample = ShardSample({"clip_id": "a"}, audio, [b"x"])
+    for threads in (1, 2, 3):
+        with torch_threads(threads):
+            write_shard(tmp_path / f"threads-{threads}.tar", [sample])
+    written = {(tmp_path / f"threads-{n}.tar").read_bytes() for n in (1, 2, 3)}
+    assert len(written) == 1
+    reader = ShardReader(tmp_path / "threads-1.tar")
+    with torch_threads(1):
+        expected = log_mel(reader.audio("a")).numpy()
+    assert expected.shape == (1 + (40_123 - 400) // 160, 128)
+    np.testing.assert_array_equal(reader.fbank("a"), expected)
+    with pytest.raises(MediaError, match=r"x\.tar.*undecodable sample"):
+        decode_sample({"json": b"{}", "wav": b"", "fbank.npy": b"not npy", "frames.mp": b"\x90"},
+                      "x.tar")  # fmt: skip
 
 
 def test_a_sample_missing_a_member_is_named(tmp_path):
@@ -219,7 +243,7 @@ def test_a_sample_missing_a_member_is_named(tmp_path):
     with pytest.raises(MediaError, match=r"broken\.tar.*000000.*lacks wav"):
         ShardReader(broken)
     with pytest.raises(MediaError, match="sample without wav"):
-        decode_sample({"json": b"{}", "frames.mp": b"\x90"}, "s")
+        decode_sample({"json": b"{}", "fbank.npy": b"", "frames.mp": b"\x90"}, "s")
 
 
 def test_jpeg_decoding_gives_pillows_pixels():

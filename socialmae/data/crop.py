@@ -22,7 +22,7 @@ from socialmae.data.decode import SAMPLE_RATE, MediaInfo, decode_audio, iter_fra
 from socialmae.data.errors import MediaError
 from socialmae.data.face_tracks import smooth_square_boxes, square_crop, track_main_face
 from socialmae.data.faces import Backbone, Face, FaceDetector
-from socialmae.data.features import rms_db
+from socialmae.data.features import rms_db, torch_threads
 from socialmae.data.shards import ShardSample, encode_jpeg
 from socialmae.lifecycle import die_with_parent
 from socialmae.params import check_device
@@ -338,8 +338,6 @@ def local_engine(
             initializer=_worker_init,
             initargs=(params,),
         )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the workers: the detector's numbers must not depend on it
     try:
         for job in jobs:
             if pool is None:
@@ -347,11 +345,11 @@ def local_engine(
             else:
                 results = pool.map(process_clip, job.rows, [params] * len(job.rows))
             done = []
-            for result in results:
-                done.append(result)
-                advance(1)
+            with torch_threads(1):  # as in the workers: the detector's numbers depend on it
+                for result in results:
+                    done.append(result)
+                    advance(1)
             yield job, done
     finally:
-        torch.set_num_threads(threads)
         if pool is not None:
             pool.shutdown()

@@ -111,10 +111,14 @@ class ShardDataset(torch.utils.data.Dataset):
         def frame(i: int) -> np.ndarray:
             return reader.frame(clip_id, i)
 
+        def fbank() -> np.ndarray:
+            return reader.fbank(clip_id)
+
         clip = StoredClip(
             meta=reader.meta(clip_id),
             audio=reader.audio(clip_id),
             frame=functools.cache(frame) if self.cache else frame,
+            fbank=functools.cache(fbank) if self.cache else fbank,
         )
         if self.cache:
             self._clips[index] = clip
@@ -141,7 +145,7 @@ class ShardDataset(torch.utils.data.Dataset):
         target, label = self._targets[index]
         target = target.clone()  # the item is the caller's
         augment = self.augment if self.train else None
-        feats = None
+        feats = window.fbank  # cut from the stored fbank where the window allows
         if augment is not None and augment.mixup > 0 and rng.random() < augment.mixup:
             other = int(rng.integers(0, len(self)))
             mate = sample_clip(self.clip(other), self.config, self.sampling, self.train, rng)
@@ -150,7 +154,8 @@ class ShardDataset(torch.utils.data.Dataset):
             audio = lam * audio[:n] + (1 - lam) * mate.audio[:n]
             frames = (lam * frames + (1 - lam) * mate.frames).round().astype(np.uint8)
             target = lam * target + (1 - lam) * self._targets[other][0]
-        elif self.cache:
+            feats = None  # the mixed audio's own
+        elif feats is None and self.cache:
             key = (index, window.start)
             if key not in self._log_mel:
                 self._log_mel[key] = log_mel(audio, self.config.num_mel_bins)
@@ -173,7 +178,12 @@ def fbank_statistics(dataset: ShardDataset, max_clips: int | None = None) -> tup
     total = total_sq = count = 0.0
     n = len(dataset) if max_clips is None else min(len(dataset), max_clips)
     for index in range(n):
-        feats = log_mel(dataset.clip(index).audio, dataset.config.num_mel_bins).double()
+        clip = dataset.clip(index)
+        stored = clip.fbank() if clip.fbank is not None else None
+        if stored is not None and stored.shape[1] == dataset.config.num_mel_bins:
+            feats = torch.from_numpy(stored).double()  # log_mel of the clip's audio, stored
+        else:
+            feats = log_mel(clip.audio, dataset.config.num_mel_bins).double()
         total += float(feats.sum())
         total_sq += float((feats**2).sum())
         count += feats.numel()

@@ -6,7 +6,9 @@ The constants are the ones the released weights were trained with (see
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -18,6 +20,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 _FRAME_SHIFT, _FRAME_LENGTH = 10.0, 25.0  # milliseconds
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op threads (then restore the count): CPU reductions
+    split their work by thread count, so numbers stored for good (shards) are computed with a
+    fixed one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @functools.cache
@@ -70,6 +85,13 @@ def log_mel(
     spectrum = torch.fft.rfft(frames).abs().pow(2.0)  # [m, padded // 2 + 1]
     energies = torch.mm(spectrum, banks.T)  # [m, num_mel_bins]
     return torch.max(energies, kaldi._get_epsilon("cpu", torch.float32)).log()
+
+
+def fbank_framing(sample_rate: int = SAMPLE_RATE) -> tuple[int, int]:
+    """``(hop, window)`` of :func:`log_mel` in samples: frame ``i`` covers samples
+    ``[i * hop, i * hop + window)``."""
+    shift, window, *_ = _fbank_constants(128, sample_rate)
+    return shift, window
 
 
 def pad_frames(feats: torch.Tensor, target_length: int) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """What the model sees of a clip: the sampling window (8 face frames spread over about 4 s,
-a random window in training, the centred one in evaluation; shorter clips are tiled), its
-audio (the same window by default, or the reference's first 10.24 s), the augmentations, and
+a random window in training, the centred one in evaluation, starting on the fbank's 10 ms
+grid; shorter clips are tiled), its audio (the same window by default, or the reference's first
+10.24 s) and that audio's fbank (cut from the shard's stored one), the augmentations, and
 the model inputs (the Kaldi fbank padded to 1024 frames and normalised, ImageNet-normalised
 frames in RGB or the reference's BGR)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,6 +17,7 @@ import torch
 
 from socialmae.data.decode import SAMPLE_RATE
 from socialmae.data.features import (
+    fbank_framing,
     frames_to_video,
     log_mel,
     normalize_fbank,
@@ -134,14 +137,19 @@ class StoredClip:
     meta: dict[str, Any]
     audio: np.ndarray  # [N] at 16 kHz
     frame: Callable[[int], np.ndarray]  # index -> [H, W, 3] uint8
+    fbank: Callable[[], np.ndarray] | None = None  # -> [F, 128] log-mel of ``audio`` (stored)
 
 
 def window_start(
     duration: float, window: float, train: bool, rng: np.random.Generator | None
 ) -> float:
+    """Seconds where the window starts: random in training, centred otherwise, on the fbank's
+    hop grid (so its fbank is a run of the clip's fbank frames); 0 when the clip is shorter."""
     if duration <= window:
         return 0.0
-    return float(rng.uniform(0.0, duration - window)) if train else (duration - window) / 2
+    start = float(rng.uniform(0.0, duration - window)) if train else (duration - window) / 2
+    hop = fbank_framing()[0]
+    return math.floor(start * SAMPLE_RATE / hop + 1e-9) * hop / SAMPLE_RATE
 
 
 def _tile(audio: np.ndarray, start: float, seconds: float) -> np.ndarray:
@@ -163,6 +171,7 @@ class ClipWindow:
     times: np.ndarray  # [T] seconds of the frames in the clip
     frame_index: np.ndarray  # [T] positions of the frames among the stored ones
     start: float  # seconds
+    fbank: torch.Tensor | None = None  # [F, mel] raw log-mel of ``audio`` when the clip stores it
 
 
 def sample_clip(
@@ -183,7 +192,8 @@ def sample_clip(
     index = np.abs(times_stored[None, :] - wanted[:, None]).argmin(axis=1)
     frames = np.stack([clip.frame(int(i)) for i in index])  # [T, H, W, 3]
     audio = audio_window(clip.audio, start, sampling)
-    return ClipWindow(frames, audio, times_stored[index], index, start)
+    fbank = window_fbank(clip, start, sampling, config.num_mel_bins)
+    return ClipWindow(frames, audio, times_stored[index], index, start, fbank)
 
 
 def audio_window(audio: np.ndarray, start: float, sampling: ClipSampling) -> np.ndarray:
@@ -192,6 +202,31 @@ def audio_window(audio: np.ndarray, start: float, sampling: ClipSampling) -> np.
     if sampling.audio_window == "aligned":
         return _tile(audio, start, sampling.window_seconds)
     return audio[: int(REFERENCE_AUDIO_SECONDS * SAMPLE_RATE)]
+
+
+def window_fbank(
+    clip: StoredClip, start: float, sampling: ClipSampling, num_mel_bins: int
+) -> torch.Tensor | None:
+    """``log_mel`` of :func:`audio_window` cut from the clip's stored fbank ``[F, mel]``: the
+    same frames (to float rounding: the window's mean is removed from each frame either way),
+    without the FFTs. None when the clip stores no fbank of ``num_mel_bins`` or the window is
+    not a run of its frames (tiled past the clip's end, or not on the hop grid)."""
+    if clip.fbank is None:
+        return None
+    hop, length = fbank_framing()
+    if sampling.audio_window == "aligned":
+        first, need = round(start * SAMPLE_RATE), round(sampling.window_seconds * SAMPLE_RATE)
+        if first % hop or first + need > clip.audio.size:
+            return None
+    else:
+        first, need = 0, min(clip.audio.size, int(REFERENCE_AUDIO_SECONDS * SAMPLE_RATE))
+    if need < length:
+        return None
+    stored = clip.fbank()
+    offset, frames = first // hop, 1 + (need - length) // hop
+    if stored.shape[1] != num_mel_bins or offset + frames > stored.shape[0]:
+        return None
+    return torch.from_numpy(stored[offset : offset + frames])
 
 
 def to_inputs(

@@ -3,6 +3,9 @@ one sample, its members sharing one key (``000012``):
 
 * ``<key>.json``: metadata (clip id, dataset, split, label, targets, frame times, boxes, ...),
 * ``<key>.wav``: the voice, 16 kHz mono 16-bit PCM,
+* ``<key>.fbank.npy``: the log-mel fbank of that stored voice, ``[frames, 128]`` float32 (what
+  :func:`socialmae.data.features.log_mel` gives; the loader cuts model windows from it instead
+  of recomputing it for every item),
 * ``<key>.frames.mp``: the face crops, a MessagePack list of JPEG images in time order.
 
 ``webdataset.WebDataset(url)`` (or ``wids``) reads one sample per clip, and
@@ -32,6 +35,9 @@ from PIL import Image
 
 from socialmae.data.decode import SAMPLE_RATE
 from socialmae.data.errors import MediaError
+from socialmae.data.features import log_mel, torch_threads
+
+FBANK_MEL_BINS = 128  # mel bins of the stored fbank (every model preset's)
 
 
 @dataclass
@@ -41,6 +47,8 @@ class ShardSample:
     meta: dict[str, Any]  # clip_id, label, targets, times (s), boxes, ... (JSON-serialisable)
     audio: np.ndarray  # [N] float32 mono at 16 kHz
     frames: list[bytes]  # JPEG-encoded face crops, in time order
+    fbank: np.ndarray | None = None  # [F, 128] log-mel of the stored audio (when read; always
+    # written, computed from the 16-bit audio)
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
@@ -61,9 +69,19 @@ def decode_jpeg(data: bytes) -> np.ndarray:
     )
 
 
+def _pcm16(audio: np.ndarray) -> np.ndarray:
+    """``[N]`` float -> ``[N]`` 16-bit samples (clipped to [-1, 1])."""
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2")
+
+
+def _from_pcm16(pcm: np.ndarray) -> np.ndarray:
+    """``[N]`` 16-bit samples -> ``[N]`` float32."""
+    return pcm.astype(np.float32) / 32767.0
+
+
 def encode_wav(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
     """``[N]`` float mono -> 16-bit PCM WAV bytes (clipped to [-1, 1])."""
-    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2")
+    pcm = _pcm16(audio)
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as out:
         out.setnchannels(1)
@@ -77,12 +95,35 @@ def decode_wav(data: bytes) -> np.ndarray:
     """16-bit PCM mono WAV bytes -> ``[N]`` float32."""
     with wave.open(io.BytesIO(data), "rb") as src:
         pcm = np.frombuffer(src.readframes(src.getnframes()), dtype="<i2")
-    return pcm.astype(np.float32) / 32767.0
+    return _from_pcm16(pcm)
 
 
-SHARD_FORMAT = 2  # 1: a directory per clip, a member per frame; 2: one WebDataset sample
-META, AUDIO, FRAMES = "json", "wav", "frames.mp"  # a sample's members, by extension
-MEMBERS = (META, AUDIO, FRAMES)
+def stored_fbank(audio: np.ndarray) -> np.ndarray:
+    """The fbank a shard stores for ``audio [N]``: ``log_mel`` of the audio as the shard keeps
+    it (16-bit), so it equals ``log_mel`` of what :func:`decode_wav` returns; ``[F, 128]``.
+    Computed on one thread: the same bytes whatever the machine or the engine."""
+    with torch_threads(1):
+        return log_mel(_from_pcm16(_pcm16(audio)), FBANK_MEL_BINS).numpy()
+
+
+def encode_fbank(fbank: np.ndarray) -> bytes:
+    """``[F, mel]`` -> ``.npy`` bytes (little-endian float32)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(fbank, dtype="<f4"), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_fbank(data: bytes) -> np.ndarray:
+    """``.npy`` bytes -> ``[F, 128]`` float32 (ValueError when it is anything else)."""
+    fbank = np.load(io.BytesIO(data), allow_pickle=False)
+    if fbank.dtype != np.float32 or fbank.ndim != 2 or fbank.shape[1] != FBANK_MEL_BINS:
+        raise ValueError(f"fbank is {fbank.dtype} {fbank.shape}, not float32 [F, {FBANK_MEL_BINS}]")
+    return fbank
+
+
+SHARD_FORMAT = 3  # 1: a directory per clip, a member per frame; 2: one sample; 3: + fbank
+META, AUDIO, FBANK, FRAMES = "json", "wav", "fbank.npy", "frames.mp"  # members, by extension
+MEMBERS = (META, AUDIO, FBANK, FRAMES)
 
 
 def sample_key(position: int) -> str:
@@ -108,11 +149,13 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def encode_sample(sample: ShardSample) -> dict[str, bytes]:
-    """A clip's members: extension -> bytes (see the module docstring)."""
+    """A clip's members: extension -> bytes (see the module docstring; the fbank is computed
+    from ``sample.audio``)."""
     meta = {**sample.meta, "frames": len(sample.frames)}
     return {
         META: json.dumps(meta, sort_keys=True).encode(),
         AUDIO: encode_wav(sample.audio),
+        FBANK: encode_fbank(stored_fbank(sample.audio)),
         FRAMES: msgpack.packb(list(sample.frames), use_bin_type=True),
     }
 
@@ -129,8 +172,11 @@ def decode_sample(members: Mapping[str, bytes], source: str | os.PathLike[str] =
         raise MediaError(source, f"sample without {', '.join(missing)}")
     try:
         frames = msgpack.unpackb(members[FRAMES], raw=False)
-        return ShardSample(json.loads(members[META]), decode_wav(members[AUDIO]), list(frames))
-    except (ValueError, TypeError, wave.Error, msgpack.UnpackException) as exc:
+        return ShardSample(
+            json.loads(members[META]), decode_wav(members[AUDIO]), list(frames),
+            decode_fbank(members[FBANK]),
+        )  # fmt: skip
+    except (ValueError, TypeError, EOFError, wave.Error, msgpack.UnpackException) as exc:
         raise MediaError(source, f"undecodable sample ({exc})") from exc
 
 
@@ -211,6 +257,14 @@ class ShardReader:
     def audio(self, clip_id: str) -> np.ndarray:
         """``[N]`` float32 at 16 kHz."""
         return decode_wav(self._read(self.index[clip_id], AUDIO))
+
+    def fbank(self, clip_id: str) -> np.ndarray:
+        """``[F, 128]`` float32: the log-mel of :meth:`audio`."""
+        data = self._read(self.index[clip_id], FBANK)
+        try:
+            return decode_fbank(data)
+        except (ValueError, EOFError) as exc:
+            raise MediaError(self.path, f"undecodable fbank of {clip_id!r} ({exc})") from exc
 
     def frame(self, clip_id: str, index: int) -> np.ndarray:
         """Face crop ``index`` as ``[H, W, 3]`` RGB uint8."""
