@@ -122,6 +122,28 @@ def test_video_normalisation_and_channel_order():
         frames_to_video(frames, "RBG")
 
 
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_video_is_the_normalised_bytes_exactly(order):
+    """Every byte value of every channel, cut, mirrored or not: the numbers of
+    ``(x / 255 - mean) / std`` computed in float32 in the model's layout, bit for bit."""
+    frames = np.random.default_rng(4).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    frames[0, :16, :16] = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
+    for region, flip in ((None, False), ((5, 7, 40), True)):
+        pixels = torch.from_numpy(frames)
+        if region is not None:
+            pixels = pixels[:, 7:47, 5:45]
+        if flip:
+            pixels = pixels.flip(2)
+        channels = pixels.permute(3, 0, 1, 2).float()
+        if order == "BGR":
+            channels = channels.flip(0)
+        expected = (channels / 255.0 - mean) / std
+        video = frames_to_video(frames, order, region=region, flip=flip)
+        assert video.is_contiguous() and torch.equal(video, expected)
+
+
 @dataclass
 class Box:
     bbox: tuple[float, float, float, float]
