@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 
 from socialmae.data.clips import CLIPS_TABLE
-from socialmae.data.features import fbank
 from socialmae.data.manifest import MANIFEST_NAME, SPLITS, read_manifest
 from socialmae.data.shards import ShardReader
 from socialmae.layout import FACES, RAW, VALIDATION
@@ -158,10 +157,9 @@ def plot_face_grid(
                 ax.set_xlabel(f"{float(meta['times'][i]):.1f} s", fontsize=7)
             axes[r, 0].set_ylabel(f"{row.label or row.dataset}\n{row.split}", fontsize=8)
             axes[r, 0].set_title(row.clip_id, loc="left", fontsize=8)
-            audio = reader.audio(row.clip_id)  # [N] at 16 kHz
-            feats = fbank(audio)[: max(1, min(audio.size // 160, 1024))]  # [T, 128]
+            feats = reader.fbank(row.clip_id)[:1024]  # [T, 128]: the stored log-mel
             ax = axes[r, k]
-            ax.imshow(feats.T.numpy(), aspect="auto", origin="lower", cmap="magma")
+            ax.imshow(feats.T, aspect="auto", origin="lower", cmap="magma")
             ax.set_xlabel("frame (10 ms)", fontsize=7)
             ax.set_ylabel("mel bin", fontsize=7)
             ax.tick_params(labelsize=6)
