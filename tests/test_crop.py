@@ -15,7 +15,13 @@ from media import write_clip
 
 from socialmae.data import crop as crop_module
 from socialmae.data.clips import CLIPS_TABLE
-from socialmae.data.crop import CropParams, process_clip
+from socialmae.data.crop import (
+    CropParams,
+    decode_rows,
+    detect_clips,
+    detect_rows,
+    process_clip,
+)
 from socialmae.data.crop_stage import crop_faces
 from socialmae.data.dataset import ShardDataset
 from socialmae.data.errors import MediaError
@@ -278,3 +284,71 @@ def test_loader_feeds_a_multiprocess_dataloader(cropped):
     assert sum(b["video"].shape[0] for b in batches) == len(data)
     assert batches[0]["audio"].shape == (4, 1024, 128)
     assert sorted(c for b in batches for c in b["clip_id"]) == sorted(data.table["clip_id"])
+
+
+def _rows(root: Path, names: list[str]) -> list[dict]:
+    manifest = read_manifest(root / "raw")
+    return manifest[manifest["clip_id"].isin(names)].sort_values("clip_id").to_dict("records")
+
+
+def test_detector_batches_across_clips_give_the_same_shards_with_any_workers(cropped, tmp_path):
+    """With crop.detector_clips, consecutive clips of a shard share the detector's batches; the
+    groups are fixed by the shard, so one process or two make the same bytes."""
+    root, _, _, _ = cropped
+    manifest = read_manifest(root / "raw")
+    manifest = manifest[~manifest["clip_id"].isin(["4k.mp4", "two-faces.mp4"])]  # time
+    outputs = []
+    for workers in (1, 2):
+        params = dataclasses.replace(PARAMS, workers=workers, detector_clips=3, detector_batch=5)
+        out = tmp_path / f"workers-{workers}"
+        crop_faces(manifest, out, params)
+        outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert outputs[0] == outputs[1]
+    table = pd.read_parquet(tmp_path / "workers-1" / CLIPS_TABLE)
+    assert (table["status"] == "ok").sum() >= 4  # broken clips in a group quarantine alone
+
+
+class _FailsOnLargeFrames:
+    """A real detector that fails on any batch holding a frame wider than 1,000 pixels."""
+
+    def __init__(self, detector) -> None:
+        self.detector = detector
+
+    def detect(self, images):
+        if any(image.shape[1] > 1000 for image in images):
+            raise RuntimeError("frame too large for this device (simulated)")
+        return self.detector.detect(images)
+
+
+def test_a_group_whose_detection_fails_quarantines_only_the_failing_clip(cropped):
+    root, _, _, _ = cropped
+    rows = _rows(root, ["4k.mp4", "good.mp4", "good.webm"])  # 4k decodes at 1280 px
+    detector = _FailsOnLargeFrames(crop_module.build_detector(PARAMS))
+    detected = detect_rows(decode_rows(rows, PARAMS), detector, batch=64)
+    outcome = {record.clip_id: (record.status, record.reason) for record, _, _ in detected}
+    assert outcome["4k.mp4"][0] == "quarantined"
+    assert "frame too large for this device" in outcome["4k.mp4"][1]
+    assert outcome["good.mp4"][0] == outcome["good.webm"][0] == "quarantined"  # until accepted
+    faces = {record.clip_id: found for record, _, found in detected}
+    assert faces["4k.mp4"] is None
+    assert all(len(f) > 0 for f in faces["good.mp4"]) and all(
+        len(f) > 0 for f in faces["good.webm"]
+    )
+
+
+def test_detections_across_clips_come_back_to_their_frames(cropped):
+    """Frames of several clips share the detector's batches and each clip gets its own frames'
+    faces back, in order: the same as alone at batch 1, within a millipixel at batch 64."""
+    root, _, _, _ = cropped
+    rows = _rows(root, ["good.mp4", "good.webm", "two-faces.mp4"])
+    clips = [clip for _, clip in decode_rows(rows, PARAMS)]
+    detector = crop_module.build_detector(PARAMS)
+    for batch, tolerance in ((1, 0.0), (64, 1e-3)):
+        together = detect_clips(clips, detector, batch)
+        assert [len(found) for found in together] == [len(clip.images) for clip in clips]
+        for clip, found in zip(clips, together, strict=True):
+            alone = detect_clips([clip], detector, batch)[0]
+            assert [len(faces) for faces in found] == [len(faces) for faces in alone]
+            for faces, expected in zip(found, alone, strict=True):
+                for face, other in zip(faces, expected, strict=True):
+                    np.testing.assert_allclose(face.bbox, other.bbox, atol=tolerance, rtol=0)

@@ -29,5 +29,8 @@ def test_the_suite_runs_every_section_in_smoke_mode(tmp_path):
     assert report["ddp"]["gather_ok"] and report["ddp"]["backend"] == "gloo"
     assert set(report["retinaface"]["frames_per_second"]) == {"batch_1", "batch_2"}
     crop, loader = report["crop_and_loader"]["crop"], report["crop_and_loader"]["loader"]
-    assert crop["clips"] == 12 and crop["clips_per_second"] > 0
+    for clips in (1, 8):
+        run = crop[f"detector_clips_{clips}"]
+        assert run["clips"] == 12 and run["clips_per_second"] > 0
+    assert crop["across_clips_speedup"] > 0
     assert loader["step_demand_clips_per_second"] == pretrain["samples_per_second"]

@@ -31,7 +31,8 @@ from socialmae.orchestration import RAY_ADDRESS_ENV
 from socialmae.tasks import get_task
 
 RAY = str(Path(sys.executable).parent / "ray")
-CROP = {"workers": 1, "clips_per_shard": 2, "frame_rate": 4.0, "image_size": 112}
+CROP = {"workers": 1, "clips_per_shard": 2, "frame_rate": 4.0, "image_size": 112,
+        "detector_clips": 2}  # a shard's two clips share the detector's batches  # fmt: skip
 CLIPS = 9  # 8 good ones and a broken file: five shards
 
 

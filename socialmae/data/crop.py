@@ -9,7 +9,7 @@ import json
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -45,7 +45,8 @@ class CropParams:
     detector_weights: str | None = None  # path/URL of ResNet-50 weights; None: bundled model
     detector_max_size: int = 640
     detector_confidence: float = 0.7
-    detector_batch: int = 8
+    detector_batch: int = 8  # frames per detector call
+    detector_clips: int = 1  # consecutive clips of a shard whose frames share those calls
     jpeg_quality: int = 90
     clips_per_shard: int = 64
     workers: int = 2  # local: processes; ray on CPUs: detector actors
@@ -65,6 +66,7 @@ class CropParams:
             "min_duration": self.min_duration >= 0,
             "detector_confidence": 0 < self.detector_confidence < 1,
             "detector_batch": self.detector_batch >= 1,
+            "detector_clips": self.detector_clips >= 1,
             "jpeg_quality": 1 <= self.jpeg_quality <= 100,
             "clips_per_shard": self.clips_per_shard >= 1,
             "workers": self.workers >= 1,
@@ -152,14 +154,30 @@ def decode_clip(
     return DecodedClip(path, info, times, images, audio)
 
 
-def detect_clip(clip: DecodedClip, detector: FaceDetector, batch: int) -> list[list[Face]]:
-    """Faces in each of ``clip``'s frames, detected ``batch`` frames at a time.
+def detect_clips(
+    clips: Sequence[DecodedClip], detector: FaceDetector, batch: int
+) -> list[list[list[Face]]]:
+    """Faces in every frame of ``clips``: their frames, in order, go to the detector up to
+    ``batch`` at a time, across clip boundaries but never across frame sizes (a batch is padded
+    to its largest frame, which would move the faces of the smaller ones); ``result[c][i]`` are
+    the faces of frame ``i`` of clip ``c``.
 
-    Batches never mix clips: the detector's numbers depend (in the last bits) on what shares
-    its batch, and the crops must not depend on how the stage spreads its work."""
-    detections: list[list[Face]] = []
-    for start in range(0, len(clip.images), batch):
-        detections.extend(detector.detect(clip.images[start : start + batch]))
+    The detector's numbers depend (in the last bits) on what shares its batch, so the callers
+    fix which clips go together (a shard's consecutive clips, ``crop.detector_clips`` at a
+    time), never how the stage spreads its work."""
+    frames = [image for clip in clips for image in clip.images]
+    found: list[list[Face]] = []
+    start = 0
+    while start < len(frames):
+        end = start + 1
+        while end < min(start + batch, len(frames)) and frames[end].shape == frames[start].shape:
+            end += 1
+        found.extend(detector.detect(frames[start:end]))
+        start = end
+    detections, first = [], 0
+    for clip in clips:
+        detections.append(found[first : first + len(clip.images)])
+        first += len(clip.images)
     return detections
 
 
@@ -204,14 +222,14 @@ def face_track(
 ) -> FaceTrack:
     """Decode ``path`` once (frames at ``params.frame_rate``, the audio), detect faces in
     batches, track the main face, smooth its box and crop it: :func:`decode_clip`, then
-    :func:`detect_clip`, then :func:`finish_track`.
+    :func:`detect_clips`, then :func:`finish_track`.
 
     Without ``need_audio`` (a caller that uses the face alone) a file without audio gets
     silence. Raises :class:`MediaError` naming the file and the reason it cannot be used;
     any other exception is a bug and propagates.
     """
     clip = decode_clip(path, params, need_audio)
-    return finish_track(clip, detect_clip(clip, detector, params.detector_batch), params)
+    return finish_track(clip, detect_clips([clip], detector, params.detector_batch)[0], params)
 
 
 _DETECTOR: FaceDetector | None = None  # the stage's worker processes build theirs once
@@ -272,23 +290,77 @@ def accept(record: ClipRecord, track: FaceTrack) -> tuple[ClipRecord, ShardSampl
     return record, ShardSample(meta=meta, audio=track.audio, frames=track.crops)
 
 
-def process_clip(
-    row: Mapping[str, Any], params: CropParams
-) -> tuple[ClipRecord, ShardSample | None]:
-    """The crop stage's work on one manifest row in one process: :func:`face_track`, then the
-    clip table record and the shard sample.
+# A clip through the steps of its work: its record and what it has come to (None: quarantined,
+# the reason in the record): decoded media, detections, the shard sample.
+Decoded = tuple[ClipRecord, DecodedClip | None]
+Detected = tuple[ClipRecord, DecodedClip | None, list[list[Face]] | None]
+ClipResult = tuple[ClipRecord, ShardSample | None]
 
-    Returns ``(record, sample)``, or ``(record, None)`` with ``status="quarantined"`` and the
-    reason when the clip cannot be used: any failure, even an unexpected one, quarantines the
-    clip and the stage goes on.
-    """
-    record = clip_record(row)
-    detector = stage_detector(params)  # unusable weights stop the stage: not a clip's fault
+
+def decode_rows(rows: Sequence[Mapping[str, Any]], params: CropParams) -> list[Decoded]:
+    """Step 1 of the crop stage's work on consecutive manifest rows: each clip's record and its
+    decoded media (:func:`decode_clip`), or the record quarantined."""
+    decoded: list[Decoded] = []
+    for row in rows:
+        record = clip_record(row)
+        try:
+            decoded.append((record, decode_clip(record.path, params)))
+        except Exception as exc:  # a clip must never take the stage down
+            decoded.append((quarantine(record, exc), None))
+    return decoded
+
+
+def detect_rows(decoded: Sequence[Decoded], detector: FaceDetector, batch: int) -> list[Detected]:
+    """Step 2: the faces of the decoded clips, their frames sharing the detector's batches
+    (:func:`detect_clips`). Should that fail, each clip is detected alone and only those that
+    fail again are quarantined."""
+    clips = [clip for _, clip in decoded if clip is not None]
     try:
-        track = face_track(record.path, params, detector)
-    except Exception as exc:  # a clip must never take the stage down
-        return quarantine(record, exc), None
-    return accept(record, track)
+        found = iter(detect_clips(clips, detector, batch))
+    except Exception:  # one bad clip must not quarantine its neighbours
+        found = None
+    detected: list[Detected] = []
+    for record, clip in decoded:
+        if clip is None:
+            detected.append((record, None, None))
+            continue
+        try:
+            faces = next(found) if found is not None else detect_clips([clip], detector, batch)[0]
+            detected.append((record, clip, faces))
+        except Exception as exc:  # a clip must never take the stage down
+            detected.append((quarantine(record, exc), None, None))
+    return detected
+
+
+def finish_rows(detected: Sequence[Detected], params: CropParams) -> list[ClipResult]:
+    """Step 3: each clip tracked and cropped (:func:`finish_track`), its record and shard
+    sample; or its record quarantined and no sample."""
+    results: list[ClipResult] = []
+    for record, clip, faces in detected:
+        if clip is None or faces is None:
+            results.append((record, None))
+            continue
+        try:
+            results.append(accept(record, finish_track(clip, faces, params)))
+        except Exception as exc:  # a clip must never take the stage down
+            results.append((quarantine(record, exc), None))
+    return results
+
+
+def process_rows(rows: Sequence[Mapping[str, Any]], params: CropParams) -> list[ClipResult]:
+    """The crop stage's work on consecutive manifest rows in one process (a group of
+    ``crop.detector_clips``): decode, detect, track and crop; ``(record, sample)`` per row, in
+    order, or ``(record, None)`` with ``status="quarantined"`` and the reason when the clip
+    cannot be used: any failure, even an unexpected one, quarantines its clip and the stage
+    goes on."""
+    detector = stage_detector(params)  # unusable weights stop the stage: not a clip's fault
+    decoded = decode_rows(rows, params)
+    return finish_rows(detect_rows(decoded, detector, params.detector_batch), params)
+
+
+def process_clip(row: Mapping[str, Any], params: CropParams) -> ClipResult:
+    """:func:`process_rows` of one manifest row."""
+    return process_rows([row], params)[0]
 
 
 def _describe_media(record: ClipRecord) -> None:
@@ -320,16 +392,25 @@ class ShardJob:
     signature: str
 
 
-ClipResult = tuple[ClipRecord, ShardSample | None]  # what process_clip returns
 ShardResults = Iterator[tuple[ShardJob, list[ClipResult]]]  # each finished shard, rows in order
 Engine = Callable[[list[ShardJob], CropParams, Callable[[int], None]], ShardResults]
+
+
+def detector_groups(
+    rows: Sequence[Mapping[str, Any]], params: CropParams
+) -> list[list[Mapping[str, Any]]]:
+    """A shard's rows in consecutive groups of ``params.detector_clips`` (the clips whose frames
+    share the detector's batches): fixed by the shard, whatever engine and workers."""
+    size = params.detector_clips
+    return [list(rows[i : i + size]) for i in range(0, len(rows), size)]
 
 
 def local_engine(
     jobs: list[ShardJob], params: CropParams, advance: Callable[[int], None]
 ) -> ShardResults:
     """Shards one after the other, their clips spread over ``params.workers`` processes (each
-    with its own detector); yields each shard's results in row order when it is done."""
+    with its own detector) in groups of ``params.detector_clips``; yields each shard's results
+    in row order when it is done."""
     pool = None
     if params.workers > 1 and sum(len(job.rows) for job in jobs) > 1:
         pool = ProcessPoolExecutor(
@@ -340,15 +421,16 @@ def local_engine(
         )
     try:
         for job in jobs:
+            groups = detector_groups(job.rows, params)
             if pool is None:
-                results = (process_clip(row, params) for row in job.rows)
+                results = (process_rows(group, params) for group in groups)
             else:
-                results = pool.map(process_clip, job.rows, [params] * len(job.rows))
-            done = []
+                results = pool.map(process_rows, groups, [params] * len(groups))
+            done: list[ClipResult] = []
             with torch_threads(1):  # as in the workers: the detector's numbers depend on it
-                for result in results:
-                    done.append(result)
-                    advance(1)
+                for group_results in results:
+                    done.extend(group_results)
+                    advance(len(group_results))
             yield job, done
     finally:
         if pool is not None:

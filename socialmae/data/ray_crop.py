@@ -1,12 +1,14 @@
 """The Ray engine of the ``crop_faces`` stage (``crop.engine: ray``): the same per-clip work as
 the local engine, spread over a Ray cluster with Ray Data.
 
-The pipeline, per clip (one clip per block, so a lost node costs only its clips):
+The pipeline, per group of ``crop.detector_clips`` consecutive clips of a shard (the local
+engine's groups; one group per block, so a lost node costs only its groups):
 
-1. a CPU task decodes the sampled frames and the audio (:func:`~socialmae.data.crop.decode_clip`);
-2. an actor pool keeps RetinaFace loaded and detects faces (``map_batches`` with a callable
-   class; ``num_gpus`` per actor on GPUs, ``crop.actors_per_gpu`` actors sharing one);
-3. a CPU task tracks the face and crops it (:func:`~socialmae.data.crop.finish_track`).
+1. a CPU task decodes the sampled frames and the audio (:func:`~socialmae.data.crop.decode_rows`);
+2. an actor pool keeps RetinaFace loaded and detects faces, the group's frames sharing its
+   batches (:func:`~socialmae.data.crop.detect_rows`; ``map_batches`` with a callable class;
+   ``num_gpus`` per actor on GPUs, ``crop.actors_per_gpu`` actors sharing one);
+3. a CPU task tracks the faces and crops them (:func:`~socialmae.data.crop.finish_rows`).
 
 The driver (the stage's process) receives each clip's record and sample as it finishes and
 hands a shard back to the stage as soon as all of its clips are in; the stage writes it and
@@ -29,34 +31,28 @@ from socialmae.data.crop import (
     CropParams,
     ShardJob,
     ShardResults,
-    accept,
     build_detector,
-    clip_record,
-    decode_clip,
-    detect_clip,
-    finish_track,
-    quarantine,
+    decode_rows,
+    detect_rows,
+    detector_groups,
+    finish_rows,
 )
 
 logger = logging.getLogger(__name__)
 
 TASK_RETRIES = 5  # a task lost with its node, or killed, runs again elsewhere
 ACTOR_RESTARTS = 5  # a detector actor lost with its node is started again elsewhere
-PIPELINE_ATTEMPTS = 3  # runs of the whole pipeline for the clips not yet back
+PIPELINE_ATTEMPTS = 3  # runs of the whole pipeline for the groups not yet back
 
 
 def _decode(item: dict[str, Any], params: CropParams) -> dict[str, Any]:
-    """Step 1 (CPU task): ``state`` = pickled ``(record, decoded clip or None, None)``."""
-    record = clip_record(pickle.loads(item["row"]))
-    try:
-        state = (record, decode_clip(record.path, params), None)
-    except Exception as exc:  # a clip must never take the stage down
-        state = (quarantine(record, exc), None, None)
+    """Step 1 (CPU task): ``state`` = the group's pickled :func:`decode_rows`."""
+    state = decode_rows(pickle.loads(item["rows"]), params)
     return {"shard": item["shard"], "position": item["position"], "state": pickle.dumps(state)}
 
 
 class _Detect:
-    """Step 2 (actor): a RetinaFace detector kept loaded; detections are added to each state."""
+    """Step 2 (actor): a RetinaFace detector kept loaded; ``state`` = :func:`detect_rows`."""
 
     def __init__(self, params: CropParams) -> None:
         import torch
@@ -66,29 +62,19 @@ class _Detect:
         self.detector = build_detector(params)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        states = []
-        for packed in batch["state"]:
-            record, clip, _ = pickle.loads(packed)
-            detections = None
-            if clip is not None:
-                try:
-                    detections = detect_clip(clip, self.detector, self.params.detector_batch)
-                except Exception as exc:  # a clip must never take the stage down
-                    record, clip = quarantine(record, exc), None
-            states.append(pickle.dumps((record, clip, detections)))
+        states = [
+            pickle.dumps(
+                detect_rows(pickle.loads(packed), self.detector, self.params.detector_batch)
+            )
+            for packed in batch["state"]
+        ]
         return {**batch, "state": np.array(states, dtype=object)}
 
 
 def _finish(item: dict[str, Any], params: CropParams) -> dict[str, Any]:
-    """Step 3 (CPU task): ``state`` = pickled ``(record, shard sample or None)``."""
-    record, clip, detections = pickle.loads(item["state"])
-    result: ClipResult = (record, None)
-    if clip is not None:
-        try:
-            result = accept(record, finish_track(clip, detections, params))
-        except Exception as exc:  # a clip must never take the stage down
-            result = (quarantine(record, exc), None)
-    return {**item, "state": pickle.dumps(result)}
+    """Step 3 (CPU task): ``state`` = the group's pickled :func:`finish_rows`: ``(record,
+    shard sample or None)`` per clip."""
+    return {**item, "state": pickle.dumps(finish_rows(pickle.loads(item["state"]), params))}
 
 
 def connect(address: str | None) -> bool:
@@ -125,7 +111,7 @@ def _detector_actors(params: CropParams) -> tuple[int, dict[str, Any]]:
 
 
 def _pipeline(items: list[dict[str, Any]], params: CropParams) -> Any:
-    """The Ray Dataset of ``items`` (one clip each): decode, detect, crop."""
+    """The Ray Dataset of ``items`` (one group of clips each): decode, detect, crop."""
     import ray
 
     actors, actor_resources = _detector_actors(params)
@@ -153,7 +139,7 @@ def ray_engine(
     shard's results (rows in manifest order) as soon as its last clip is in.
 
     Ray retries lost tasks and restarts lost actors; should the pipeline still fail (a node
-    lost while an actor's result was in flight), it runs again for the clips not yet back, up
+    lost while an actor's result was in flight), it runs again for the groups not yet back, up
     to :data:`PIPELINE_ATTEMPTS` times."""
     import ray
 
@@ -164,19 +150,24 @@ def ray_engine(
         context.actor_task_retry_on_errors = [ray.exceptions.ActorUnavailableError]
         by_name = {job.name: job for job in jobs}
         pending: dict[str, dict[int, ClipResult]] = {job.name: {} for job in jobs}
-        remaining = [
-            {"shard": job.name, "position": position, "row": pickle.dumps(row)}
-            for job in jobs
-            for position, row in enumerate(job.rows)
-        ]
+        remaining = []  # one item per detector group; position: its first row's in the shard
+        for job in jobs:
+            position = 0
+            for group in detector_groups(job.rows, params):
+                rows = pickle.dumps(group)
+                remaining.append({"shard": job.name, "position": position, "rows": rows})
+                position += len(group)
         for attempt in range(1, PIPELINE_ATTEMPTS + 1):
             try:
                 for row in _pipeline(remaining, params).iter_rows():
                     done = pending.get(row["shard"])
-                    if done is None or int(row["position"]) in done:
-                        continue  # a clip of an earlier attempt, already in
-                    done[int(row["position"])] = pickle.loads(row["state"])
-                    advance(1)
+                    first = int(row["position"])
+                    if done is None or first in done:
+                        continue  # a group of an earlier attempt, already in
+                    results: list[ClipResult] = pickle.loads(row["state"])
+                    for offset, result in enumerate(results):
+                        done[first + offset] = result
+                    advance(len(results))
                     job = by_name[row["shard"]]
                     if len(done) == len(job.rows):
                         del pending[job.name]
@@ -190,8 +181,10 @@ def ray_engine(
                 ]
                 if attempt == PIPELINE_ATTEMPTS:
                     raise
-                logger.warning("crop: the Ray pipeline failed (%s: %s); again for the %d clips "
-                               "not yet back", type(exc).__name__, exc, len(remaining))  # fmt: skip
+                logger.warning(
+                    "crop: the Ray pipeline failed (%s: %s); again for the %d groups of clips "
+                    "not yet back", type(exc).__name__, exc, len(remaining),
+                )  # fmt: skip
         if pending:
             raise RuntimeError(f"Ray returned no result for some clips of {sorted(pending)}")
     finally:
