@@ -1,5 +1,6 @@
 """Decoding, fbank, tracking and shards on real media files (no face detector needed)."""
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,6 +192,10 @@ def test_shards_round_trip(tmp_path):
     np.testing.assert_allclose(reader.audio("clip.1"), samples[1].audio, atol=1 / 32767)
     assert abs(int(reader.frame("clip.2", 1).mean()) - 89) <= 2
     assert not list(tmp_path.glob(".*"))  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = (tmp_path / "shard-00000.tar").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask  # readable by other users and nodes, as any output (not 0600)
     (tmp_path / "broken.tar").write_bytes(b"x" * 700)
     with pytest.raises(MediaError, match=r"broken\.tar"):
         ShardReader(tmp_path / "broken.tar")

@@ -20,7 +20,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import wave
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from PIL import Image
 from socialmae.data.decode import SAMPLE_RATE
 from socialmae.data.errors import MediaError
 from socialmae.data.features import log_mel, torch_threads
+from socialmae.io import atomic_write
 
 FBANK_MEL_BINS = 128  # mel bins of the stored fbank (every model preset's)
 
@@ -183,20 +183,17 @@ def decode_sample(members: Mapping[str, bytes], source: str | os.PathLike[str] =
 def write_shard(path: str | os.PathLike[str], samples: Iterable[ShardSample]) -> int:
     """Write samples to a tar shard atomically, one WebDataset sample per clip; returns how
     many were written."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     count = 0
-    try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
+
+    def write(tmp: Path) -> None:
+        nonlocal count
+        with tarfile.open(tmp, mode="w") as tar:
             for count, sample in enumerate(samples, start=1):
                 key = sample_key(count - 1)
                 for extension, data in encode_sample(sample).items():
                     _add(tar, f"{key}.{extension}", data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
     return count
 
 
