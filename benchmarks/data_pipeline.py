@@ -87,10 +87,11 @@ def _loader(shards: Path, limit: int) -> dict[str, float]:
             return dataclasses.replace(super().clip(index), fbank=None)
 
     config = get_preset("social-mae-base")
-    stored = _clips_per_second(ShardDataset(shards, config, train=True), limit)
+    data = ShardDataset(shards, config, train=True)
+    stored = _clips_per_second(data, limit)
     computed = _clips_per_second(ComputedFbank(shards, config, train=True), limit)
     return {
-        "clips": min(limit, len(ShardDataset(shards, config))),
+        "clips": min(limit, len(data)),
         "clips_per_second_per_core": round(stored, 2),
         "computing_the_fbank": round(computed, 2),
         "speedup": round(stored / computed, 2),

@@ -20,7 +20,7 @@ from socialmae.data.crop import (
     decode_rows,
     detect_clips,
     detect_rows,
-    process_clip,
+    process_rows,
 )
 from socialmae.data.crop_stage import crop_faces
 from socialmae.data.dataset import ShardDataset
@@ -245,7 +245,7 @@ def test_inference_raises_what_the_stage_quarantines(cropped, monkeypatch):
     monkeypatch.setattr(crop_module, "_DETECTOR", _BrokenDetector())
     row = {"clip_id": "good.mp4", "dataset": "d", "speaker": "s", "split": "train",
            "label": "anger", "targets": [], "abs_path": str(path)}  # fmt: skip
-    record, sample = process_clip(row, PARAMS)
+    [(record, sample)] = process_rows([row], PARAMS)
     assert sample is None and record.status == "quarantined"
     assert record.reason.startswith("unexpected failure: RuntimeError: CUDA out of memory")
     assert record.width > 0 and record.fps > 0  # what the file is, even when quarantined

@@ -358,11 +358,6 @@ def process_rows(rows: Sequence[Mapping[str, Any]], params: CropParams) -> list[
     return finish_rows(detect_rows(decoded, detector, params.detector_batch), params)
 
 
-def process_clip(row: Mapping[str, Any], params: CropParams) -> ClipResult:
-    """:func:`process_rows` of one manifest row."""
-    return process_rows([row], params)[0]
-
-
 def _describe_media(record: ClipRecord) -> None:
     """Fill the container facts of a quarantined clip's record where the file has them."""
     try:
