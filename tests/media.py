@@ -52,6 +52,8 @@ def write_clip(
     silent: bool = False,
     frames: int | None = None,
     vfr: bool = False,
+    gop: int | None = None,
+    numbered: bool = False,
 ) -> Path:
     """Write a clip: a (slightly moving) face video and a voiced tone.
 
@@ -59,6 +61,9 @@ def write_clip(
         size: (width, height); faces: how many faces per frame (0 = none).
         audio_rate: None for no audio track; frames: exact number of video frames.
         vfr: variable frame rate (frame durations alternate between 1 and 3 ticks).
+        gop: frames between keyframes (None: the codec's default).
+        numbered: every frame carries its index as a strip of black and white cells, so any
+            two frames differ.
     """
     vcodec, acodec, pix_fmt = CODECS[path.suffix]
     width, height = size
@@ -68,6 +73,8 @@ def write_clip(
         if video:
             vstream = container.add_stream(vcodec, rate=fps)
             vstream.width, vstream.height, vstream.pix_fmt = width, height, pix_fmt
+            if gop is not None:
+                vstream.codec_context.gop_size = gop
             if vfr:
                 vstream.codec_context.time_base = Fraction(1, 2 * fps)
         if audio_rate is not None:
@@ -80,6 +87,9 @@ def write_clip(
             for i in range(count):
                 shift = int(3 * np.sin(i / 5))
                 image = np.roll(base, shift, axis=1)
+                if numbered:
+                    bits = (i >> np.arange(8)) & 1  # [8] index bits, a 16-pixel cell each
+                    image[:16, : 8 * 16] = np.repeat(bits * 255, 16).astype(np.uint8)[None, :, None]
                 frame = av.VideoFrame.from_ndarray(image, format="rgb24")
                 if vfr:
                     frame.pts, frame.time_base = pts, Fraction(1, 2 * fps)

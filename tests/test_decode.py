@@ -1,6 +1,8 @@
 """Decoding, fbank, tracking and shards on real media files (no face detector needed)."""
 
+import logging
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +54,37 @@ def test_variable_frame_rate_uses_timestamps(tmp_path):
     times = [t for t, _ in iter_frames(path, rate=4.0)]
     assert times == pytest.approx([k * 0.25 for k in range(len(times))])
     assert 1.9 <= len(times) * 0.25 <= 4.1  # covers the clip's span, not its frame count
+
+
+@pytest.mark.parametrize("suffix, vfr", [(s, False) for s in sorted(CODECS)] + [(".mkv", True)])
+def test_seeking_decodes_fewer_frames_and_yields_the_same(tmp_path, caplog, suffix, vfr):
+    """Keyframes every 10 frames, a target every 25: the decoder jumps over most frames."""
+    path = write_clip(tmp_path / f"gop{suffix}", seconds=4.0, gop=10, numbered=True, vfr=vfr)
+    with caplog.at_level(logging.DEBUG, logger="socialmae.data.decode"):
+        in_order = list(iter_frames(path, rate=1.0, seek=False))
+        jumping = list(iter_frames(path, rate=1.0))
+    assert [t for t, _ in jumping] == [t for t, _ in in_order]
+    assert len(in_order) >= 4
+    for (time, expected), (_, frame) in zip(in_order, jumping, strict=True):
+        assert np.array_equal(frame, expected), f"{suffix}: frame at {time} s differs"
+    (full, no_jumps), (fewer, jumps) = re.findall(r"decoded (\d+) frames, (\d+) jumps", caplog.text)
+    assert no_jumps == "0" and int(jumps) >= 3, caplog.text
+    assert int(fewer) <= 0.5 * int(full), caplog.text
+
+
+def test_a_keyframe_that_never_comes_out_falls_back_to_decoding_in_order(tmp_path, monkeypatch):
+    """An index naming keyframes where no frame is shown, just after the frames due at 0.5 and
+    1.0 s (0.48 and 0.96 s at 25 fps): the decoder starts over from the beginning and the frames
+    are still the right ones."""
+    import socialmae.data.decode as decode
+
+    path = write_clip(tmp_path / "gop.mp4", seconds=3.0, gop=10, numbered=True)
+    in_order = list(iter_frames(path, rate=2.0, seek=False))
+    times, _ = decode._packet_times(path)
+    monkeypatch.setattr(decode, "_packet_times", lambda _: (times, [0.0, 0.49, 0.97]))
+    restarted = list(iter_frames(path, rate=2.0))
+    assert len(restarted) == len(in_order)
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(in_order, restarted, strict=True))
 
 
 def test_huge_frames_are_scaled_down_and_long_clips_capped(tmp_path):

@@ -47,9 +47,11 @@ def write_clip(
     audio: np.ndarray,
     fps: int,
     sample_rate: int = SAMPLE_RATE,
+    keyint: int | None = None,
 ) -> Path:
     """Write RGB uint8 ``frames`` ``[T, H, W, 3]`` and mono float32 ``audio`` ``[N]`` as an
-    mp4 (H.264 yuv420p crf 23 veryfast + AAC), atomically (``socialmae.io.atomic_write``)."""
+    mp4 (H.264 yuv420p crf 23 veryfast + AAC), atomically (``socialmae.io.atomic_write``).
+    ``keyint``: most frames between keyframes (None: x264's 250)."""
     path = Path(path)
 
     def encode(tmp: Path) -> None:
@@ -63,7 +65,7 @@ def write_clip(
                 "crf": "23",
                 "preset": "veryfast",
                 "threads": "1",
-                "x264-params": "mbtree=0",
+                "x264-params": "mbtree=0" if keyint is None else f"mbtree=0:keyint={keyint}",
             }
             sound = container.add_stream("aac", rate=sample_rate, layout="mono")
             sound.bit_rate = 64_000
