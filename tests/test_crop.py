@@ -210,6 +210,22 @@ def test_augmentation_and_mixup(cropped):
     assert (item["target"] > 0).sum() in (1, 2)  # mixed with another clip (maybe same label)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_audio_only_items_skip_the_faces_and_keep_every_other_value(cropped, train):
+    _, out, _, _ = cropped
+    config, task = get_preset("tiny"), get_task("demo")
+    augment = Augment(freqm=24, timem=96, flip=True, crop_scale=0.8) if train else None
+    both, audio_only = (
+        ShardDataset(out, config, task=task, train=train, augment=augment, faces=faces)
+        for faces in (True, False)
+    )
+    for index in range(len(both)):
+        full, slim = both[index], audio_only[index]
+        assert full["video"].shape == (3, 8, 224, 224) and slim["video"].numel() == 0
+        assert torch.equal(full["audio"], slim["audio"])
+        assert torch.equal(full["target"], slim["target"]) and full["label"] == slim["label"]
+
+
 def test_load_clip_matches_the_shards(cropped):
     root, out, _, _ = cropped
     config = get_preset("tiny")

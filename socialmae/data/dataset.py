@@ -33,6 +33,8 @@ class ShardDataset(torch.utils.data.Dataset):
     ``S = config.image_size``; larger crops are resized), ``target [C]`` (one-hot,
     possibly mixed, for classification; trait scores for regression; empty when unlabelled),
     ``label`` (class index, -1 when none), ``clip_id`` and ``index`` (position in the dataset).
+    With ``faces`` False (audio-only models) ``video`` is an empty ``[0]`` tensor: the frames
+    are not prepared, and every other value is the same.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class ShardDataset(torch.utils.data.Dataset):
         fbank_stats: tuple[float, float] | None = None,
         seed: int = 0,
         cache: bool = False,
+        faces: bool = True,
     ) -> None:
         self.dir = Path(shard_dir)
         table_path = self.dir / CLIPS_TABLE
@@ -75,6 +78,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.cache = cache
+        self.faces = faces
         self._readers: dict[str, ShardReader] = {}
         self._clips: dict[int, StoredClip] = {}
         self._log_mel: dict[tuple[int, float], torch.Tensor] = {}
@@ -161,7 +165,7 @@ class ShardDataset(torch.utils.data.Dataset):
                 self._log_mel[key] = log_mel(audio, self.config.num_mel_bins)
             feats = self._log_mel[key]
         feats, video = to_inputs(
-            frames, audio, self.config, rng, augment, self.fbank_stats, feats=feats
+            frames, audio, self.config, rng, augment, self.fbank_stats, feats, self.faces
         )
         return {
             "audio": feats,

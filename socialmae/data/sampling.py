@@ -237,11 +237,14 @@ def to_inputs(
     augment: Augment | None = None,
     fbank_stats: tuple[float, float] | None = None,
     feats: torch.Tensor | None = None,
+    faces: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frames ``[T, H, W, 3]`` uint8 and audio ``[N]`` -> fbank ``[L, mel]`` (``L`` the config's
     ``audio_length``), video ``[3, T, S, S]`` (``S`` its ``image_size``; other frame sizes are
     resized), normalised with ``fbank_stats`` or the config's statistics. ``feats`` is the
-    raw log-mel of ``audio`` when the caller already has it."""
+    raw log-mel of ``audio`` when the caller already has it. With ``faces`` False (an
+    audio-only model) the frames are left alone and video is an empty ``[0]`` tensor; the
+    fbank is the same."""
     if frames.shape[1] != frames.shape[2]:
         raise ValueError(f"face frames must be square, got {frames.shape[1:3]}")
     feats = log_mel(audio, config.num_mel_bins) if feats is None else feats
@@ -250,8 +253,12 @@ def to_inputs(
     stats = fbank_stats or (config.fbank_mean, config.fbank_std)
     if augment is not None and rng is not None:
         feats = augment_fbank(feats, real, augment, rng, stats)
+        if not faces:  # the frames' draws come last: skipping them changes no other number
+            return feats, torch.empty(0)
         region, flip = crop_region(frames.shape[1], augment, rng)
     else:
         feats, region, flip = normalize_fbank(feats, *stats), None, False
+        if not faces:
+            return feats, torch.empty(0)
     video = frames_to_video(frames, config.channel_order, config.image_size, region, flip)
     return feats, video

@@ -352,7 +352,7 @@ def _finetune(
         return ShardDataset(
             shards, model.config, split=name, task=task, train=train, sampling=params.sampling,
             augment=params.augment if train else None, accepted=accepted, seed=params.seed,
-            cache=params.cache,
+            cache=params.cache, faces=mode != "audio",
         )  # fmt: skip
 
     train_set = split("train", train=True)
