@@ -168,14 +168,15 @@ def render_frames(
     smoothed = np.convolve(np.pad(loudness, 1, mode="edge"), [0.25, 0.5, 0.25], "valid")
     gap = expr.jaw * 0.07 * h * (1.0 - np.exp(-smoothed / 0.07)) + ramp * expr.gape * h
 
-    def face_points(axis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Pixels ``axis x axis`` moved into the face's frame (the rigid motion undone):
-        ``qx, qy`` ``[T, len(axis), len(axis)]``."""
-        px = (axis[None, None, :] - hx[:, None, None] - face_cx).astype(np.float32)
-        py = (axis[None, :, None] - hy[:, None, None] - face_cy).astype(np.float32)
+    def face_points(xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels ``ys x xs`` moved into the face's frame (the rigid motion undone):
+        ``qx, qy`` ``[T, len(ys), len(xs)]``."""
+        px = (xs[None, None, :] - hx[:, None, None] - face_cx).astype(np.float32)
+        py = (ys[None, :, None] - hy[:, None, None] - face_cy).astype(np.float32)
         return cos * px + sin * py + face_cx, -sin * px + cos * py + face_cy
 
-    qx, qy = face_points((np.arange(size // 4) + 0.5) * 4 - 0.5)  # quarter resolution
+    quarter = (np.arange(size // 4) + 0.5) * 4 - 0.5  # quarter resolution
+    qx, qy = face_points(quarter, quarter)
     ramp_t, gap_t = ramp[:, None, None], gap[:, None, None]
     dx, dy = _face_displacement(layout, expr, qx, qy, ramp_t, gap_t, side)
     coarse = torch.from_numpy(np.stack([qx - dx, qy - dy], axis=1).astype(np.float32))
@@ -185,14 +186,32 @@ def render_frames(
     video = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     # The open mouth: a dark ellipse between the lips, carried by the head motion; drawn in
-    # face coordinates over the full-resolution pixels.
-    qx, qy = face_points(np.arange(size, dtype=np.float32))
+    # face coordinates over the full-resolution pixels of the box that can hold it (outside the
+    # ellipse alpha is 0, where lerp returns the pixels unchanged).
     rx = 0.42 * float(np.linalg.norm(mouth[1] - mouth[0]))
     rx = rx * (1.0 + ramp_t * max(expr.stretch, 0.0) * 4.0)
     ry = 0.5 * gap_t + 0.5
-    r = np.hypot((qx - mouth_c[0]) / rx, (qy - mouth_c[1] - 0.45 * gap_t) / ry)
     strength = np.where(gap_t > 0.3, np.minimum(1.0, gap_t / 3.0) * 0.5, 0.0)
-    alpha = torch.from_numpy((np.clip((1.0 - r) * 3.0, 0, 1) * strength).astype(np.float32))
-    dark = torch.tensor([55.0, 22.0, 28.0]).view(1, 3, 1, 1)
-    video = torch.lerp(video, dark, alpha[:, None])
+    open_frames = strength[:, 0, 0] > 0
+    if open_frames.any():
+        # Where each frame's ellipse centre lands in the picture; the ellipse lies within its
+        # larger radius of it (the head's motion is rigid), plus 2 pixels for rounding.
+        centre_x, centre_y = float(mouth_c[0]) - face_cx, mouth_c[1] + 0.45 * gap - face_cy
+        c, s = np.cos(angle), np.sin(angle)
+        pixel_x = hx + face_cx + c * centre_x - s * centre_y
+        pixel_y = hy + face_cy + s * centre_x + c * centre_y
+        reach = np.maximum(rx[:, 0, 0], ry[:, 0, 0]) + 2.0
+        x0, x1, y0, y1 = (
+            int(np.clip(np.floor(np.min((pixel_x - reach)[open_frames])), 0, size)),
+            int(np.clip(np.ceil(np.max((pixel_x + reach)[open_frames])) + 1, 0, size)),
+            int(np.clip(np.floor(np.min((pixel_y - reach)[open_frames])), 0, size)),
+            int(np.clip(np.ceil(np.max((pixel_y + reach)[open_frames])) + 1, 0, size)),
+        )
+        axis = np.arange(size, dtype=np.float32)
+        qx, qy = face_points(axis[x0:x1], axis[y0:y1])
+        r = np.hypot((qx - mouth_c[0]) / rx, (qy - mouth_c[1] - 0.45 * gap_t) / ry)
+        alpha = torch.from_numpy((np.clip((1.0 - r) * 3.0, 0, 1) * strength).astype(np.float32))
+        dark = torch.tensor([55.0, 22.0, 28.0]).view(1, 3, 1, 1)
+        box = video[:, :, y0:y1, x0:x1]
+        box.copy_(torch.lerp(box, dark, alpha[:, None]))
     return (video + 0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
