@@ -78,6 +78,7 @@ def test_push_and_pull_through_a_local_remote(demo_pipeline, tmp_path):
     assert "data/interim" not in status and "outputs/finetune" not in status, status
 
 
+@pytest.mark.slow  # 2 minutes: re-runs crop_faces and everything after it
 def test_forcing_a_stage_on_unchanged_inputs_leaves_the_pipeline_up_to_date(demo_pipeline):
     """Nothing run-dependent (timings, timestamps, temporary names) sits in a tracked output
     that a later stage depends on: re-running any stage invalidates nothing."""

@@ -256,6 +256,7 @@ def test_checkpoints_resume_only_onto_the_same_init_weights(demo_shards, tmp_pat
     assert not torch.equal(again["mlp_head.1.weight"], first["mlp_head.1.weight"])
 
 
+@pytest.mark.slow  # 25 s: torchrun with two gloo ranks
 @pytest.mark.integration
 def test_two_process_gloo_ddp_with_modality_dropout(demo_shards, pretrained, tmp_path):
     """torchrun with 2 CPU processes (gloo): a multimodal model trained partly on one stream

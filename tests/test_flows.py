@@ -310,6 +310,7 @@ def test_failing_download_is_retried_then_the_flow_fails(prefect_server, tmp_pat
     assert download.run_count == 3  # the first try and 2 retries
 
 
+@pytest.mark.slow  # 30 s: a work pool, a worker process and a flow run
 @pytest.mark.integration
 def test_prefect_yaml_deploys_to_a_work_pool_and_a_worker_runs_it(
     prefect_server, demo_pipeline, tmp_path
@@ -353,6 +354,7 @@ def test_prefect_yaml_deploys_to_a_work_pool_and_a_worker_runs_it(
     assert whole.entrypoint == "flows/pipeline.py:pipeline" and not whole.schedules
 
 
+@pytest.mark.slow  # 45 s: a served deployment waits for its scheduled run
 @pytest.mark.integration
 def test_served_retrain_deployment_runs_on_schedule(prefect_server, demo_pipeline, tmp_path):
     """`python -m flows.serve --interval` (the cron's stand-in, first slot 10 s ahead) creates

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.integration
 SECTIONS = ("pretrain", "bf16_vs_fp32", "finetune", "ddp", "retinaface", "crop_and_loader")
 
 
+@pytest.mark.slow  # 35 s: every section of the suite, small, on the CPU
 def test_the_suite_runs_every_section_in_smoke_mode(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_suite.py"), "--smoke"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip

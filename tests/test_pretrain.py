@@ -96,6 +96,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model" / "model.safetensors"))
 
 
+@pytest.mark.slow  # 30 s: three training processes, one killed
 def test_a_killed_run_resumes_to_the_same_weights(demo_shards, tmp_path):
     params, path = _params(tmp_path, epochs=1, checkpoint_every=1)
     reference = tmp_path / "reference"
@@ -155,6 +156,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 25 s: torchrun with two gloo ranks, then one process
 @pytest.mark.integration
 def test_two_process_gloo_ddp_matches_one_process(demo_shards, tmp_path):
     single, _ = _params(tmp_path / "single", epochs=1, batch=4)

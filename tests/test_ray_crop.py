@@ -30,6 +30,9 @@ from socialmae.data.manifest import ManifestRow, read_manifest, write_manifest
 from socialmae.orchestration import RAY_ADDRESS_ENV
 from socialmae.tasks import get_task
 
+# A two-node cluster and two crop runs per test: 40-70 s each (`make test-all` runs them).
+pytestmark = pytest.mark.slow
+
 RAY = str(Path(sys.executable).parent / "ray")
 CROP = {"workers": 1, "clips_per_shard": 2, "frame_rate": 4.0, "image_size": 112,
         "detector_clips": 2}  # a shard's two clips share the detector's batches  # fmt: skip
