@@ -176,7 +176,11 @@ def iter_frames(
         if width <= 0 or height <= 0:
             raise MediaError(path, f"video stream has no frame size ({width}x{height})")
         out_w, out_h = _output_size(width, height, max_side)
-        packet_times, keyframes = _packet_times(path) if seek else ([], [])
+        # Index the packets only where a jump can pay: more than MIN_FRAMES_SKIPPED frames
+        # between two samples (at 4 samples/s a 25 fps video has 6; the index costs a demux).
+        fps = float(stream.average_rate or 0)
+        jumps_possible = seek and (fps <= 0 or fps / rate > MIN_FRAMES_SKIPPED)
+        packet_times, keyframes = _packet_times(path) if jumps_possible else ([], [])
         step = 1.0 / rate
         first: float | None = None
         previous = None
