@@ -187,7 +187,8 @@ def iter_frames(
         target = 0.0
         emitted = 0
         last_time = 0.0
-        decoded = seeks = 0
+        decoded = seeks = 0  # for the debug line: frames out of the decoder, jumps
+        shown = 0  # frames out of the decoder since it started at the beginning
         frames = container.decode(stream)
         after: float | None = None  # after a jump: frames shown before the keyframe are dropped
         epsilon = 1e-6
@@ -202,6 +203,7 @@ def iter_frames(
                 except StopIteration:
                     break
                 decoded += 1
+                shown += 1
                 if after is not None:
                     if frame.time is not None and frame.time < after - epsilon:
                         continue  # shown before the keyframe (an open GOP's leading frames)
@@ -213,13 +215,13 @@ def iter_frames(
                             "%s: no frame at keyframe %.3f s; decoding in order", path, after
                         )
                         container.seek(0)
-                        frames, keyframes, after = container.decode(stream), [], None
+                        frames, keyframes, after, shown = container.decode(stream), [], None, 0
                         continue
                     after = None
                 time = (
                     frame.time
                     if frame.time is not None
-                    else (decoded - 1) / float(stream.average_rate or 25)
+                    else (shown - 1) / float(stream.average_rate or 25)
                 )
                 first = time if first is None else first
                 time -= first
@@ -232,9 +234,9 @@ def iter_frames(
                 previous, last_time = frame, time
                 # Jump ahead when the next target is shown at or after a later keyframe and
                 # enough frames lie between this one and that keyframe.
-                index = bisect.bisect_right(keyframes, target + first + epsilon) - 1
-                if frame.time is not None and index >= 0:
-                    keyframe = keyframes[index]
+                latest = bisect.bisect_right(keyframes, target + first + epsilon) - 1
+                if frame.time is not None and latest >= 0:
+                    keyframe = keyframes[latest]
                     between = bisect.bisect_left(packet_times, keyframe - epsilon) - (
                         bisect.bisect_right(packet_times, frame.time + epsilon)
                     )

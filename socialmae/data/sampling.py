@@ -253,12 +253,11 @@ def to_inputs(
     stats = fbank_stats or (config.fbank_mean, config.fbank_std)
     if augment is not None and rng is not None:
         feats = augment_fbank(feats, real, augment, rng, stats)
-        if not faces:  # the frames' draws come last: skipping them changes no other number
-            return feats, torch.empty(0)
-        region, flip = crop_region(frames.shape[1], augment, rng)
+        # the frames' draws come last: without faces, skipping them changes no other number
+        region, flip = crop_region(frames.shape[1], augment, rng) if faces else (None, False)
     else:
         feats, region, flip = normalize_fbank(feats, *stats), None, False
-        if not faces:
-            return feats, torch.empty(0)
+    if not faces:
+        return feats, torch.empty(0)
     video = frames_to_video(frames, config.channel_order, config.image_size, region, flip)
     return feats, video

@@ -197,7 +197,7 @@ def render_frames(
         # Where each frame's ellipse centre lands in the picture; the ellipse lies within its
         # larger radius of it (the head's motion is rigid), plus 2 pixels for rounding.
         centre_x, centre_y = float(mouth_c[0]) - face_cx, mouth_c[1] + 0.45 * gap - face_cy
-        c, s = np.cos(angle), np.sin(angle)
+        c, s = cos[:, 0, 0], sin[:, 0, 0]
         pixel_x = hx + face_cx + c * centre_x - s * centre_y
         pixel_y = hy + face_cy + s * centre_x + c * centre_y
         reach = np.maximum(rx[:, 0, 0], ry[:, 0, 0]) + 2.0
