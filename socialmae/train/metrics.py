@@ -24,8 +24,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -40,6 +41,19 @@ Array = Any
 
 MetricFn = Callable[[Array, Array], float]
 """``metric_fn(targets, outputs) -> float``: one metric of one set of clips."""
+
+
+@runtime_checkable
+class StackedMetricFn(Protocol):
+    """A :data:`MetricFn` that also scores many sets of outputs of the same clips in one call
+    (the significance tests use it: thousands of permuted sets, one NumPy pass per chunk)."""
+
+    def __call__(self, targets: Array, outputs: Array) -> float: ...
+
+    def stacked(self, targets: Array, outputs: Array) -> NDArray[np.float64]:
+        """``targets [N, ...]``, ``outputs [S, N, ...]`` (S sets) -> each set's metric ``[S]``."""
+        ...
+
 
 CONFUSION_MATRIX_KEY = "confusion_matrix"
 """Key of :func:`evaluate`'s only non-scalar entry (classification): counts, rows = true class."""
@@ -150,33 +164,38 @@ def predicted_labels(outputs: Array) -> NDArray[np.int64]:
 
 
 def _confusion(true: NDArray[np.int64], pred: NDArray[np.int64], c: int) -> NDArray[np.int64]:
-    """``[C, C]`` counts, rows = true class, columns = predicted class."""
-    return np.bincount(true * c + pred, minlength=c * c).reshape(c, c)
+    """Counts ``[..., C, C]`` of targets ``[N]`` and predicted labels ``[..., N]`` (one matrix per
+    set of predictions), rows = true class, columns = predicted class."""
+    sets = pred.shape[:-1]
+    offsets = np.arange(int(np.prod(sets)), dtype=np.int64).reshape(*sets, 1) * (c * c)
+    counts = np.bincount((offsets + true * c + pred).ravel(), minlength=offsets.size * c * c)
+    return counts.reshape(*sets, c, c)
 
 
 class _Scores(NamedTuple):
-    f1: NDArray[np.float64]  # [C]
-    f1_micro: float
-    f1_macro: float
-    balanced_accuracy: float
-    accuracy: float
+    """Each field has the matrices' leading shape ``[...]``; ``f1`` adds the class axis."""
+
+    f1: NDArray[np.float64]  # [..., C]
+    f1_micro: NDArray[np.float64]
+    f1_macro: NDArray[np.float64]
+    balanced_accuracy: NDArray[np.float64]
+    accuracy: NDArray[np.float64]
 
 
 def _scores(matrix: NDArray[np.int64]) -> _Scores:
-    """Every classification metric from one confusion matrix ``[C, C]`` (the only formulas)."""
-    tp = np.diag(matrix).astype(np.float64)  # [C]
-    support = matrix.sum(axis=1)  # [C] true clips per class
-    predicted = matrix.sum(axis=0)  # [C] predicted clips per class
+    """Every classification metric from confusion matrices ``[..., C, C]`` (the only formulas)."""
+    tp = np.diagonal(matrix, axis1=-2, axis2=-1).astype(np.float64)  # [..., C]
+    support = matrix.sum(axis=-1)  # [..., C] true clips per class
+    predicted = matrix.sum(axis=-2)  # [..., C] predicted clips per class
     denom = support + predicted  # = 2 TP + FP + FN
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)  # [C], 0/0 -> 0
-    total = matrix.sum()
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)  # [..., C], 0/0 -> 0
+    total = matrix.sum(axis=(-2, -1))
     # micro: 2 sum(TP) / (2 sum(TP) + sum(FP) + sum(FN)); single-label => equals accuracy
-    micro = 2 * tp.sum() / (support.sum() + predicted.sum())
-    present = support > 0
-    recall = tp[present] / support[present]
-    return _Scores(
-        f1, float(micro), float(f1.mean()), float(recall.mean()), float(tp.sum() / total)
-    )
+    micro = 2 * tp.sum(axis=-1) / (support.sum(axis=-1) + predicted.sum(axis=-1))
+    present = support > 0  # recall is averaged over the classes present in the targets
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=present)
+    balanced = recall.sum(axis=-1) / present.sum(axis=-1)
+    return _Scores(f1, micro, f1.mean(axis=-1), balanced, tp.sum(axis=-1) / total)
 
 
 def confusion_matrix(
@@ -191,7 +210,7 @@ def confusion_matrix(
 
 def accuracy(targets: Array, outputs: Array, num_classes: int | None = None) -> float:
     """Fraction of clips ``[N]`` whose predicted class is the true one."""
-    return _scores(confusion_matrix(targets, outputs, num_classes)).accuracy
+    return float(_scores(confusion_matrix(targets, outputs, num_classes)).accuracy)
 
 
 def f1_per_class(
@@ -203,27 +222,31 @@ def f1_per_class(
 
 def f1_macro(targets: Array, outputs: Array, num_classes: int | None = None) -> float:
     """Unweighted mean of the ``C`` per-class F1 scores (the paper's "Ma")."""
-    return _scores(confusion_matrix(targets, outputs, num_classes)).f1_macro
+    return float(_scores(confusion_matrix(targets, outputs, num_classes)).f1_macro)
 
 
 def f1_micro(targets: Array, outputs: Array, num_classes: int | None = None) -> float:
     """F1 from pooled TP/FP/FN (the paper's "Mi"); equals accuracy for single-label clips."""
-    return _scores(confusion_matrix(targets, outputs, num_classes)).f1_micro
+    return float(_scores(confusion_matrix(targets, outputs, num_classes)).f1_micro)
 
 
 def balanced_accuracy(targets: Array, outputs: Array, num_classes: int | None = None) -> float:
     """Mean recall over the classes present in ``targets`` ``[N]``."""
-    return _scores(confusion_matrix(targets, outputs, num_classes)).balanced_accuracy
+    return float(_scores(confusion_matrix(targets, outputs, num_classes)).balanced_accuracy)
 
 
 # ---------------------------------------------------------------------------------------------
 # Regression
 
 
+def _mae(true: np.ndarray, pred: np.ndarray) -> NDArray[np.float64]:
+    """MAE ``[..., K]`` of targets ``[N, K]`` and predictions ``[..., N, K]`` (the only formula)."""
+    return np.abs(pred - true).mean(axis=-2)
+
+
 def mean_absolute_error(targets: Array, predictions: Array) -> NDArray[np.float64]:
     """MAE ``[K]`` per target column of targets and predictions ``[N, K]``."""
-    true, pred = _regression_inputs(targets, predictions)
-    return np.abs(pred - true).mean(axis=0)
+    return _mae(*_regression_inputs(targets, predictions))
 
 
 def regression_accuracy(targets: Array, predictions: Array) -> NDArray[np.float64]:
@@ -265,12 +288,17 @@ def metric_names(task: TaskSpec) -> tuple[str, ...]:
     raise ValueError(f"task {task.name!r} has unknown kind {task.kind!r}")
 
 
-def _evaluate(
-    task: TaskSpec, targets: Array, outputs: Array
-) -> tuple[dict[str, float], NDArray[np.int64] | None]:
-    """Scalar metrics keyed as :func:`metric_names`, and the confusion matrix (classification)."""
+def _stacked_metrics(
+    task: TaskSpec, true: np.ndarray, pred: np.ndarray
+) -> tuple[dict[str, NDArray[np.float64]], NDArray[np.int64] | None]:
+    """Every metric of :func:`metric_names`, each ``[S]``, of ``S`` sets of validated outputs of
+    the same clips, and the confusion matrices ``[S, C, C]`` (classification).
+
+    classification: ``true [N]`` labels, ``pred [S, N]`` predicted labels;
+    regression: ``true [N, K]``, ``pred [S, N, K]``.
+    """
     if task.kind == "classification":
-        matrix = confusion_matrix(targets, outputs, task.num_outputs)
+        matrix = _confusion(true, pred, task.num_outputs)
         s = _scores(matrix)
         scalars = {
             "accuracy": s.accuracy,
@@ -278,22 +306,58 @@ def _evaluate(
             "f1_macro": s.f1_macro,
             "balanced_accuracy": s.balanced_accuracy,
         }
-        scalars.update({f"f1/{n}": float(v) for n, v in zip(task.labels, s.f1, strict=True)})
+        scalars.update({f"f1/{name}": s.f1[..., i] for i, name in enumerate(task.labels)})
         return scalars, matrix
     if task.kind == "regression":
-        true, pred = _regression_inputs(targets, outputs)
         if true.shape[1] != task.num_outputs:
             raise ValueError(
                 f"task {task.name!r} has {task.num_outputs} targets {task.labels}, "
                 f"got {true.shape[1]} columns"
             )
-        mae = mean_absolute_error(true, pred)  # [K]
-        scalars = {"mean_accuracy": float(1.0 - mae.mean()), "mae": float(mae.mean())}
-        names = task.labels
-        scalars.update({f"accuracy/{n}": float(1.0 - v) for n, v in zip(names, mae, strict=True)})
-        scalars.update({f"mae/{n}": float(v) for n, v in zip(names, mae, strict=True)})
+        mae = _mae(true, pred)  # [S, K]
+        scalars = {"mean_accuracy": 1.0 - mae.mean(axis=-1), "mae": mae.mean(axis=-1)}
+        scalars.update(
+            {f"accuracy/{name}": 1.0 - mae[..., i] for i, name in enumerate(task.labels)}
+        )
+        scalars.update({f"mae/{name}": mae[..., i] for i, name in enumerate(task.labels)})
         return scalars, None
     raise ValueError(f"task {task.name!r} has unknown kind {task.kind!r}")
+
+
+def _stacked_inputs(
+    task: TaskSpec, targets: Array, outputs: Array, sets: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``(true, pred)`` for :func:`_stacked_metrics` from targets and one set of outputs
+    (``sets`` None) or ``sets`` sets stacked on a leading axis (each checked as one set is)."""
+    out = as_array(outputs)
+    if sets is not None:
+        true = as_array(targets)
+        if out.ndim < 2 or out.shape[0] != sets:
+            raise ValueError(f"stacked outputs must be [S, N, ...], got shape {out.shape}")
+        n = out.shape[1]
+        if n != len(true):
+            raise ValueError(f"{len(true)} targets but stacked outputs of {n} clips")
+        targets = np.tile(true, (sets,) + (1,) * (true.ndim - 1))  # [S * N, ...] as one set
+        out = out.reshape(sets * n, *out.shape[2:])
+    if task.kind == "classification":
+        true, pred = _classification_inputs(targets, out, task.num_outputs)[:2]
+    elif task.kind == "regression":
+        true, pred = _regression_inputs(targets, out)
+    else:
+        raise ValueError(f"task {task.name!r} has unknown kind {task.kind!r}")
+    count = 1 if sets is None else sets
+    return true[: len(true) // count], pred.reshape(count, len(true) // count, *pred.shape[1:])
+
+
+def _evaluate(
+    task: TaskSpec, targets: Array, outputs: Array
+) -> tuple[dict[str, float], NDArray[np.int64] | None]:
+    """Scalar metrics keyed as :func:`metric_names`, and the confusion matrix (classification)."""
+    scalars, matrix = _stacked_metrics(task, *_stacked_inputs(task, targets, outputs, None))
+    return (
+        {name: float(value[0]) for name, value in scalars.items()},
+        None if matrix is None else matrix[0],
+    )
 
 
 def evaluate(task: TaskSpec, targets: Array, outputs: Array) -> dict[str, float | list[list[int]]]:
@@ -330,20 +394,35 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 
 
-def metric_function(task: TaskSpec, name: str | None = None) -> MetricFn:
-    """``fn(targets, outputs) -> float`` computing one :func:`evaluate` key (default: primary).
+@dataclass(frozen=True)
+class TaskMetric:
+    """One :func:`evaluate` key of a task as a :class:`StackedMetricFn`."""
+
+    task: TaskSpec
+    name: str
+
+    def __call__(self, targets: Array, outputs: Array) -> float:
+        """The metric of targets and outputs of ``N`` clips (as :func:`evaluate` takes them)."""
+        return _evaluate(self.task, targets, outputs)[0][self.name]
+
+    def stacked(self, targets: Array, outputs: Array) -> NDArray[np.float64]:
+        """The metric ``[S]`` of ``S`` sets of outputs ``[S, N, ...]`` of the clips ``targets``."""
+        out = as_array(outputs)
+        sets = out.shape[0] if out.ndim else 0
+        scalars, _ = _stacked_metrics(self.task, *_stacked_inputs(self.task, targets, out, sets))
+        return scalars[self.name]
+
+
+def metric_function(task: TaskSpec, name: str | None = None) -> TaskMetric:
+    """``fn(targets, outputs) -> float`` computing one :func:`evaluate` key (default: primary),
+    with ``fn.stacked`` for many sets of outputs at once.
 
     Use it with :func:`bootstrap_ci` and :func:`paired_permutation_test`.
     """
     name = primary_metric(task) if name is None else name
     if name not in metric_names(task):
         raise ValueError(f"unknown metric {name!r} for task {task.name!r}: {metric_names(task)}")
-
-    def fn(targets: Array, outputs: Array) -> float:
-        return _evaluate(task, targets, outputs)[0][name]
-
-    fn.__name__ = fn.__qualname__ = f"{task.name}:{name}"
-    return fn
+    return TaskMetric(task, name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from socialmae.train.metrics import Array, MetricFn, as_array
+from socialmae.train.metrics import Array, MetricFn, StackedMetricFn, as_array
+
+PERMUTATION_CHUNK_VALUES = 1 << 22
+"""Output values swapped per step of a stacked permutation test (about 32 MiB per copy)."""
 
 
 def _num_clips(targets: np.ndarray, *outputs: np.ndarray) -> int:
@@ -126,7 +129,9 @@ def paired_permutation_test(
         targets: ``[N, ...]`` the test clips' labels or targets.
         outputs_a, outputs_b: ``[N, ...]`` the two systems' outputs, same shape, same clip order
             (turn scores and labels into one form with ``metrics.predicted_labels`` first).
-        n_permutations: random swaps; sets the resolution ``1 / (n_permutations + 1)``.
+        n_permutations: random swaps; sets the resolution ``1 / (n_permutations + 1)``. A
+            :class:`~socialmae.train.metrics.StackedMetricFn` (what ``metric_function`` gives)
+            scores them in chunks, with the same swaps and the same p-value as one by one.
         seed: the swaps depend only on it (and ``N``).
         clip_ids_a, clip_ids_b: optional clip ids ``[N]`` of each system's rows; a mismatch
             (different clips or order) raises ``ValueError``.
@@ -142,10 +147,21 @@ def paired_permutation_test(
     observed = abs(metric_a - metric_b)
     rng = np.random.default_rng(seed)
     per_clip = (n,) + (1,) * (a.ndim - 1)
+    stacked = isinstance(metric_fn, StackedMetricFn)
+    chunk = max(1, PERMUTATION_CHUNK_VALUES // a.size) if stacked else 1
     extreme = 0
-    for _ in range(n_permutations):
-        swap = (rng.random(n) < 0.5).reshape(per_clip)  # [N, 1, ...] True: exchange A and B
-        diff = metric_fn(true, np.where(swap, b, a)) - metric_fn(true, np.where(swap, a, b))
-        extreme += abs(diff) >= observed - 1e-12  # tolerance: equal metrics via other sums
+    for start in range(0, n_permutations, chunk):
+        size = min(chunk, n_permutations - start)
+        # [S, N, 1, ...] True: exchange A and B on that clip; row by row the same draws as S
+        # calls of rng.random(n)
+        swap = (rng.random((size, n)) < 0.5).reshape((size, *per_clip))
+        first, second = np.where(swap, b, a), np.where(swap, a, b)  # [S, N, ...]
+        if stacked:
+            diff = metric_fn.stacked(true, first) - metric_fn.stacked(true, second)  # [S]
+        else:
+            pairs = zip(first, second, strict=True)
+            diff = np.array([metric_fn(true, x) - metric_fn(true, y) for x, y in pairs])
+        # tolerance: equal metrics reached through other sums
+        extreme += int(np.count_nonzero(np.abs(diff) >= observed - 1e-12))
     p_value = (1 + extreme) / (n_permutations + 1)
     return PairedTestResult(metric_a, metric_b, metric_a - metric_b, p_value, n_permutations)
