@@ -396,3 +396,16 @@ def test_the_command_starts_without_torch_and_public_names_load_on_use():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_download_and_validate_stages_import_no_torch():
+    """Only the crop stage needs the face detector: the stages that download and validate
+    clips start without torch (seconds of each `dvc repro`)."""
+    code = (
+        "import sys\n"
+        "from socialmae.data.stages import stage_download, stage_validate\n"
+        "import socialmae.data.sources.demo, socialmae.data.validate\n"
+        "assert 'torch' not in sys.modules, 'torch'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -180,6 +180,7 @@ def test_primary_metrics():
         M.metric_function(CREMAD, "mean_accuracy")
     fn = M.metric_function(CREMAD, "f1/fear")
     assert fn([2, 2, 0], np.eye(6)[[2, 1, 0]]) == pytest.approx(2 / 3)
+    assert repr(fn) == "TaskMetric(cremad.f1/fear)"  # as error messages name it
 
 
 def test_evaluate_rejects_outputs_of_another_task():

@@ -14,8 +14,6 @@ from typing import Any
 
 import pandas as pd
 
-from socialmae.data.crop import CropParams
-from socialmae.data.crop_stage import crop_faces
 from socialmae.data.errors import MediaError
 from socialmae.data.manifest import read_manifest
 from socialmae.data.sources.catalog import SOURCES, check_names, parse_download
@@ -77,6 +75,10 @@ def stage_crop_faces(
 ) -> dict[str, Any]:
     """Face crops and audio into shards, with the per-clip table; counts and timings go to
     ``crop_metrics.json`` beside ``out`` (see :data:`CROP_METRICS_NAME`)."""
+    # here, not at the top: the detector's torch and torchvision cost the other stages ~4 s
+    from socialmae.data.crop import CropParams
+    from socialmae.data.crop_stage import crop_faces
+
     params = load_params(params_path)
     crop = from_mapping(CropParams, params.get("crop"), "crop")
     address = os.environ.get(RAY_ADDRESS_ENV)

@@ -401,6 +401,9 @@ class TaskMetric:
     task: TaskSpec
     name: str
 
+    def __repr__(self) -> str:  # the task's whole spec is noise in error messages
+        return f"TaskMetric({self.task.name}.{self.name})"
+
     def __call__(self, targets: Array, outputs: Array) -> float:
         """The metric of targets and outputs of ``N`` clips (as :func:`evaluate` takes them)."""
         return _evaluate(self.task, targets, outputs)[0][self.name]
