@@ -382,30 +382,21 @@ def test_help_reads_as_text():
 
 def test_the_command_starts_without_torch_and_public_names_load_on_use():
     """`socialmae --help` stays fast: the CLI module, the package and the light data modules
-    import no torch, MLflow or Prefect; the public names still resolve when used."""
+    import no torch, MLflow or Prefect; nor do the download and validate stages (only the crop
+    stage needs the face detector); the public names still resolve when used."""
     code = (
         "import sys\n"
         "import socialmae, socialmae.cli, socialmae.layout, socialmae.model\n"
         "heavy = sorted(m for m in ('torch', 'mlflow', 'prefect', 'pandas') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
+        "from socialmae.data.stages import stage_download, stage_validate\n"
+        "import socialmae.data.sources.demo, socialmae.data.validate\n"
+        "assert 'torch' not in sys.modules, 'the download or validate stage imports torch'\n"
         "from socialmae import SocialMAE, CheckpointError, load_checkpoint\n"
         "from socialmae.data import load_clip\n"
         "from socialmae.model import SocialMAEClassifier, MODES\n"
         "assert 'torch' in sys.modules and SocialMAE.__module__ == 'socialmae.model.social_mae'\n"
         "assert load_clip.__module__ == 'socialmae.data.inputs' and MODES[0] == 'multimodal'\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-
-
-def test_the_download_and_validate_stages_import_no_torch():
-    """Only the crop stage needs the face detector: the stages that download and validate
-    clips start without torch (seconds of each `dvc repro`)."""
-    code = (
-        "import sys\n"
-        "from socialmae.data.stages import stage_download, stage_validate\n"
-        "import socialmae.data.sources.demo, socialmae.data.validate\n"
-        "assert 'torch' not in sys.modules, 'torch'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
