@@ -66,7 +66,7 @@ def _crop(raw: Path, out: Path, workers: int) -> dict[str, Any]:
 
 def _clips_per_second(sets: dict[str, Any], limit: int, rounds: int = 5) -> dict[str, list[float]]:
     """Clips/s of passes over ``limit`` training items of each data set, spread evenly over it
-    (the clips are sorted by face, and faces decode at rates up to 20% apart: every size reads
+    (the clips are sorted by face, and faces decode at rates up to 22% apart: every size reads
     the same mix), ``rounds`` passes each, interleaved (each round times every set, in
     alternating order) so that a slow spell of a shared machine falls on all of them alike."""
     rates: dict[str, list[float]] = {name: [] for name in sets}
