@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # mkstemp/mkdtemp: prefix, 8 random, suffix
 
 
 def _umask() -> int:
@@ -56,7 +59,7 @@ def atomic_directory(target: str | os.PathLike[str], write: Callable[[Path], Non
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         write(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
@@ -72,3 +75,22 @@ def atomic_directory(target: str | os.PathLike[str], write: Callable[[Path], Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def remove_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete what killed atomic writes left in ``directory`` (``.<name>.<8 random>.tmp``
+    files and directories of :func:`atomic_write` and :func:`atomic_directory`); returns them.
+
+    For a stage that resumes in its own output directory: a SIGKILL skips the clean-up, and
+    the leftovers would otherwise stay in the tracked output for good."""
+    removed = []
+    root = Path(directory)
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if not _TEMPORARY.fullmatch(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed

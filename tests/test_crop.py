@@ -116,8 +116,11 @@ def test_every_clip_gets_the_right_outcome(cropped):
 def test_rerun_skips_finished_shards_and_redoes_changed_ones(cropped):
     root, out, expected, _ = cropped
     manifest = read_manifest(root / "raw")
+    half_written = out / ".shard-00001.tar.k7x2m9q4.tmp"  # what a killed run leaves
+    half_written.write_bytes(b"half a shard")
     again = crop_faces(manifest, out, PARAMS)
     assert again["processed"] == 0 and again["skipped_unchanged"] == len(expected)
+    assert not half_written.exists()
     markers = {p.name: p.read_bytes() for p in out.glob("shard-*.json")}
     for path in (root / "raw" / "clips").iterdir():  # same bytes, new times (a re-download)
         os.utime(path, (1e9, 1e9))

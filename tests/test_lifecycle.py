@@ -1,4 +1,5 @@
-"""Processes die with the process that started them (kill -9 of `dvc repro` leaves nothing)."""
+"""Processes die with the process that started them (kill -9 of `dvc repro` leaves nothing),
+and what a killed atomic write leaves behind is removed by the next run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, cli_env
+
+from socialmae.io import remove_temporaries
 
 CHILD = (
     "import sys, time\n"
@@ -28,6 +31,17 @@ PARENT = (
     "child.stdout.readline()\n"
     "print(child.pid, flush=True)\n"
     "time.sleep(120)\n"
+)
+
+KILLED_WRITE = (
+    "import os, signal, sys\n"
+    "from pathlib import Path\n"
+    "from socialmae.io import atomic_directory, atomic_write\n"
+    "def write(tmp):\n"
+    "    (tmp / 'part' if tmp.is_dir() else tmp).write_bytes(b'half of it')\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    "kind, target = sys.argv[1], Path(sys.argv[2])\n"
+    "(atomic_directory if kind == 'directory' else atomic_write)(target, write)\n"
 )
 
 
@@ -99,3 +113,20 @@ def test_a_dvc_stage_command_and_its_workers_die_with_dvc(tmp_path):
         for pid in [stage, *workers]:
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_what_killed_atomic_writes_leave_is_found_and_only_that_removed(tmp_path):
+    """SIGKILL in the middle of atomic_write / atomic_directory leaves a half-written temporary
+    (no clean-up runs); remove_temporaries finds exactly those, not the user's dot-files."""
+    (tmp_path / "shard-00000.tar").write_bytes(b"whole")
+    kept = [tmp_path / n for n in (".notes.tmp", ".step-00000001.old", "draft.a1b2c3d4.tmp")]
+    for path in kept:
+        path.write_text("not a leftover")
+    for kind, name in (("file", "shard-00001.tar"), ("directory", "step-00000002")):
+        killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, kind, str(tmp_path / name)])
+        assert killed.returncode == -signal.SIGKILL and not (tmp_path / name).exists()
+    left = sorted(p for p in tmp_path.iterdir() if p.name.startswith(".") and p not in kept)
+    assert [p.name.split(".")[1] for p in left] == ["shard-00001", "step-00000002"]
+    assert remove_temporaries(tmp_path) == left
+    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "shard-00000.tar", *kept])
+    assert remove_temporaries(tmp_path / "missing") == []

@@ -237,9 +237,11 @@ def test_checkpoints_of_other_settings_are_set_aside_until_the_new_run_saves(tmp
     optimizer = torch.optim.Adam(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     Checkpointer(tmp_path, "first").save(model, optimizer, scaler, Position(3, 0, 0))
+    (tmp_path / ".step-00000004.qz81v0sd.tmp").mkdir()  # a save killed half-way
     other = Checkpointer(tmp_path, "second")
     assert other.latest() is None  # other settings: start from scratch...
     assert (tmp_path / "aside-first" / "step-00000003").is_dir()  # ...but nothing is lost
+    assert not list(tmp_path.glob(".*"))
     back = Checkpointer(tmp_path, "first").latest()  # the earlier settings again: resume
     assert back is not None and back.name == "step-00000003"
     assert other.latest() is None

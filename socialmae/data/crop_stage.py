@@ -31,7 +31,7 @@ from socialmae.data.crop import (
     stage_detector,
 )
 from socialmae.data.shards import SHARD_FORMAT, write_shard
-from socialmae.io import atomic_write, atomic_write_text
+from socialmae.io import atomic_write, atomic_write_text, remove_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ def crop_faces(manifest: pd.DataFrame, out_dir: str | os.PathLike[str], params: 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for left in remove_temporaries(out):  # a killed run's half-written shard or table
+        logger.info("crop_faces: removed %s, left by a killed run", left.name)
     rows = manifest.sort_values(["dataset", "clip_id"]).reset_index(drop=True)
     chunks = [
         rows.iloc[i : i + params.clips_per_shard]

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from socialmae.io import atomic_directory, atomic_write_text
+from socialmae.io import atomic_directory, atomic_write_text, remove_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -420,7 +420,9 @@ class Checkpointer:
 
         Checkpoints written with other settings are moved aside (``aside-<fingerprint>/``), not
         deleted, until this run has saved its own: a run that fails early, or goes back to the
-        earlier settings, loses nothing (the set aside for these settings comes back)."""
+        earlier settings, loses nothing (the set aside for these settings comes back). What
+        a killed save left half-written is removed."""
+        remove_temporaries(self.dir)
         steps = self._steps()
         if steps:
             meta = json.loads((steps[-1] / TRAINER_STATE).read_text())
