@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from socialmae.io import atomic_write_text
+from socialmae.io import atomic_write_text, remove_temporaries
 from socialmae.layout import BEST_PARAMS, FACES, FINETUNE, PRETRAIN, TUNE, VALIDATION
 from socialmae.model import get_preset
 from socialmae.params import ParamsError, deep_merge, from_mapping, load_params
@@ -221,18 +221,19 @@ def stage_tune(
     fine-tuning run scored on the validation split. Writes ``best_params.json`` (read by
     ``finetune@task``) into ``out`` and the study (sqlite storage by default, ``trials.csv``)
     into ``out/study/``, which a rerun continues."""
-    from socialmae.train.tune import run_study
+    from socialmae.train.tune import STUDY_DIR, run_study
 
     out = out if out is not None else TUNE / task
     study = _study(params_path, task, shards, validation, out)
     if not study.enabled:  # finetune@task then uses its params as they are
-        from socialmae.train.tune import STUDY_DIR, write_best_params
+        from socialmae.train.tune import write_best_params
 
         (out / STUDY_DIR).mkdir(parents=True, exist_ok=True)  # the stage's output, kept as is
         payload = {"params": {}, "skipped": "tune.enabled is false"}
         write_best_params(out, payload)
         return payload
     out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out / STUDY_DIR)  # a killed run's half-written trials.csv
     result = run_study(
         study.objective, study.space, study.settings, study.settings.study_for(task), out,
         metric=f"val_{study.metric}", tracking_uri=study.uri, experiment=experiment_name(task),
