@@ -77,20 +77,23 @@ def atomic_directory(target: str | os.PathLike[str], write: Callable[[Path], Non
     return target
 
 
-def remove_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+def remove_temporaries(directory: str | os.PathLike[str], recursive: bool = False) -> list[Path]:
     """Delete what killed atomic writes left in ``directory`` (``.<name>.<8 random>.tmp``
-    files and directories of :func:`atomic_write` and :func:`atomic_directory`); returns them.
+    files and directories of :func:`atomic_write` and :func:`atomic_directory`), with
+    ``recursive`` in its subdirectories too (never in linked ones); returns them, sorted.
 
     For a stage that resumes in its own output directory: a SIGKILL skips the clean-up, and
     the leftovers would otherwise stay in the tracked output for good."""
     removed = []
-    root = Path(directory)
-    for entry in sorted(root.iterdir()) if root.is_dir() else []:
-        if not _TEMPORARY.fullmatch(entry.name):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
-    return removed
+    for folder, directories, files in os.walk(directory):  # nothing when it does not exist
+        for name in directories + files:
+            entry = Path(folder, name)
+            if not _TEMPORARY.fullmatch(name):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+        directories[:] = [d for d in directories if recursive and not _TEMPORARY.fullmatch(d)]
+    return sorted(removed)

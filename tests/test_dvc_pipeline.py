@@ -88,6 +88,7 @@ def test_forcing_a_stage_on_unchanged_inputs_leaves_the_pipeline_up_to_date(demo
     trials = root / "outputs/tune/demo/study/trials.csv"
     before = trials.read_bytes()
     leftovers = {  # what killed runs of the stages with persisted outputs leave
+        "download": root / "data/raw/demo/clips/.c.mp4.x0y1z2w3.tmp",
         "crop_faces": root / "data/interim/faces/.shard-00000.tar.a1b2c3d4.tmp",
         "tune@demo": trials.with_name(".trials.csv.e5f6g7h8.tmp"),
     }

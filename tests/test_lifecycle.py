@@ -115,18 +115,32 @@ def test_a_dvc_stage_command_and_its_workers_die_with_dvc(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+def _kill_while_writing(kind: str, target: Path) -> None:
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, kind, str(target)])
+    assert killed.returncode == -signal.SIGKILL and not target.exists()
+
+
 def test_what_killed_atomic_writes_leave_is_found_and_only_that_removed(tmp_path):
     """SIGKILL in the middle of atomic_write / atomic_directory leaves a half-written temporary
-    (no clean-up runs); remove_temporaries finds exactly those, not the user's dot-files."""
+    (no clean-up runs); remove_temporaries finds exactly those, not the user's dot-files, and
+    with ``recursive`` those in subdirectories, but never in a linked directory."""
     (tmp_path / "shard-00000.tar").write_bytes(b"whole")
     kept = [tmp_path / n for n in (".notes.tmp", ".step-00000001.old", "draft.a1b2c3d4.tmp")]
     for path in kept:
         path.write_text("not a leftover")
-    for kind, name in (("file", "shard-00001.tar"), ("directory", "step-00000002")):
-        killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, kind, str(tmp_path / name)])
-        assert killed.returncode == -signal.SIGKILL and not (tmp_path / name).exists()
+    _kill_while_writing("file", tmp_path / "shard-00001.tar")
+    _kill_while_writing("directory", tmp_path / "step-00000002")
+    _kill_while_writing("file", tmp_path / "clips" / "a.mp4")
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-linked"
+    _kill_while_writing("file", elsewhere / "b.mp4")
+    (tmp_path / "linked").symlink_to(elsewhere)
     left = sorted(p for p in tmp_path.iterdir() if p.name.startswith(".") and p not in kept)
     assert [p.name.split(".")[1] for p in left] == ["shard-00001", "step-00000002"]
     assert remove_temporaries(tmp_path) == left
-    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "shard-00000.tar", *kept])
-    assert remove_temporaries(tmp_path / "missing") == []
+    assert sorted(p for p in tmp_path.iterdir() if p.is_file()) == sorted(
+        [tmp_path / "shard-00000.tar", *kept]
+    )
+    nested = list((tmp_path / "clips").iterdir())
+    assert len(nested) == 1 and remove_temporaries(tmp_path, recursive=True) == nested
+    assert not list((tmp_path / "clips").iterdir()) and len(list(elsewhere.iterdir())) == 1
+    assert remove_temporaries(tmp_path / "missing", recursive=True) == []

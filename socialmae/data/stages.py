@@ -17,7 +17,7 @@ import pandas as pd
 from socialmae.data.errors import MediaError
 from socialmae.data.manifest import read_manifest
 from socialmae.data.sources.catalog import SOURCES, check_names, parse_download
-from socialmae.io import atomic_write_text
+from socialmae.io import atomic_write_text, remove_temporaries
 from socialmae.layout import FACES, RAW, VALIDATION
 from socialmae.orchestration import RAY_ADDRESS_ENV
 from socialmae.params import ParamsError, from_mapping, load_params
@@ -54,6 +54,7 @@ def stage_download(params_path: str | os.PathLike[str], root: Path = RAW) -> dic
     sections = parse_download(params.get("download"), names)
     metrics: dict[str, Any] = {}
     for name in names:
+        remove_temporaries(root / name, recursive=True)  # what a killed run half-wrote
         try:
             frame = SOURCES[name].prepare(sections[name], root / name)
         except ParamsError as exc:  # a field the prepare step found unusable
