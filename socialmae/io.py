@@ -1,9 +1,11 @@
-"""Atomic file writes: every stage output appears whole or not at all."""
+"""Atomic file writes: every stage output appears whole or not at all (and what a killed
+write left half-done is found and removed by the next run)."""
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import re
 import shutil
@@ -11,6 +13,8 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 _TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # mkstemp/mkdtemp: prefix, 8 random, suffix
 
@@ -95,5 +99,6 @@ def remove_temporaries(directory: str | os.PathLike[str], recursive: bool = Fals
             else:
                 entry.unlink(missing_ok=True)
             removed.append(entry)
+            logger.info("removed %s, left half-written by a killed run", entry)
         directories[:] = [d for d in directories if recursive and not _TEMPORARY.fullmatch(d)]
     return sorted(removed)

@@ -84,8 +84,7 @@ def crop_faces(manifest: pd.DataFrame, out_dir: str | os.PathLike[str], params: 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for left in remove_temporaries(out):  # a killed run's half-written shard or table
-        logger.info("crop_faces: removed %s, left by a killed run", left.name)
+    remove_temporaries(out)  # a killed run's half-written shard or table
     rows = manifest.sort_values(["dataset", "clip_id"]).reset_index(drop=True)
     chunks = [
         rows.iloc[i : i + params.clips_per_shard]
