@@ -250,16 +250,24 @@ def test_worker_waits_for_running_trials_and_stops_on_failures(tmp_path, caplog)
     study = optuna.create_study(storage=url, study_name="wait", direction="maximize")
     elsewhere = study.ask()  # a trial held by "another worker"
     elsewhere.suggest_float("lr", 1e-5, 1e-2, log=True)
-    finish = threading.Timer(1.0, lambda: load(url, "wait").tell(elsewhere.number, 0.5))
 
-    def objective(overrides, report):
-        finish.start()  # the other worker finishes a second after this trial
-        return quadratic(overrides, report)
+    class FinishWhenWaitedFor(logging.Handler):
+        """The other worker finishes its trial only once this worker says it waits for it
+        (not after a fixed delay: a loaded machine could take longer over its own trial)."""
 
-    result = run_study(objective, space, params, "wait", tmp_path, poll_s=0.05)
-    finish.join()
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waits for 1 running trials" in record.getMessage():
+                load(url, "wait").tell(elsewhere.number, 0.5)
+
+    study_log = logging.getLogger("socialmae.train.tune.study")
+    study_log.addHandler(finisher := FinishWhenWaitedFor())
+    try:
+        result = run_study(quadratic, space, params, "wait", tmp_path, poll_s=0.05)
+    finally:
+        study_log.removeHandler(finisher)
     assert result.ran == 1 and result.n_trials["complete"] == 2
     assert "waits for 1 running trials" in caplog.text
+    assert load(url, "wait").trials[elsewhere.number].value == 0.5  # told while this one waited
 
     def broken(overrides, report):
         raise RuntimeError("CUDA out of memory (simulated)")
